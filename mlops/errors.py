@@ -1,0 +1,31 @@
+"""Exception types. User errors print as one line and exit non-zero; none of them is retried."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class UserError(Exception):
+    """Bad input from the person or system that started the run (exit code 2, no traceback)."""
+
+
+class SourceError(UserError):
+    """The source is missing, unreadable, incomplete or corrupt."""
+
+
+class ValidationFailed(Exception):
+    """The data failed validation badly enough that training must not run.
+
+    Carries the validation report so callers can show or store why.
+    """
+
+    def __init__(self, message: str, report: Any) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class PromotionFailed(Exception):
+    """A challenger could not be deployed or failed its health check; nothing was switched."""
+
+
+NON_RETRYABLE: tuple[type[BaseException], ...] = (UserError, ValidationFailed, PromotionFailed)

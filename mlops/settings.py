@@ -1,0 +1,91 @@
+"""The one place that reads the environment.
+
+Everything has an embedded default under ``MLOPS_HOME`` (local Ray, a temporary Prefect API,
+MLflow on SQLite, local files). Point any location elsewhere with the environment: the same code
+then runs against a Ray cluster, a Prefect server, an MLflow server and S3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Resolved, frozen configuration that flows pass down to tasks."""
+
+    model_config = SettingsConfigDict(env_prefix="MLOPS_", frozen=True, extra="ignore")
+
+    home: Path = Field(default=Path(".mlops"), description="Root of all embedded state.")
+    storage_root: str = Field(
+        default="",
+        description="Data lake root, a local path or s3://bucket/prefix. Default: <home>/data.",
+    )
+    mlflow_tracking_uri: str = Field(
+        default="",
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "MLOPS_MLFLOW_TRACKING_URI"),
+    )
+    mlflow_artifact_root: str = Field(
+        default="",
+        description="Artifact location for new experiments. Default: <home>/mlartifacts.",
+    )
+    ray_address: str | None = Field(
+        default=None, validation_alias=AliasChoices("RAY_ADDRESS", "MLOPS_RAY_ADDRESS")
+    )
+    prefect_api_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("PREFECT_API_URL", "MLOPS_PREFECT_API_URL")
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLOPS_S3_ENDPOINT_URL"),
+    )
+    model_name: str = "flights-delay"
+    experiment_name: str = "flights-delay"
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
+    serve_app_name: str = "flights"
+    ray_num_cpus: int | None = Field(
+        default=None, description="CPUs for an embedded Ray instance (default: all)."
+    )
+
+    @model_validator(mode="after")
+    def _resolve_defaults(self) -> Settings:
+        home = self.home.expanduser().resolve()
+        object.__setattr__(self, "home", home)
+        if not self.storage_root:
+            object.__setattr__(self, "storage_root", str(home / "data"))
+        if not self.mlflow_tracking_uri:
+            object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{home / 'mlflow.db'}")
+        if not self.mlflow_artifact_root:
+            object.__setattr__(self, "mlflow_artifact_root", str(home / "mlartifacts"))
+        return self
+
+    @property
+    def is_embedded_ray(self) -> bool:
+        return not self.ray_address
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.serve_host}:{self.serve_port}"
+
+    @property
+    def tune_storage_path(self) -> str:
+        return str(self.home / "ray_results")
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def storage_options(self) -> dict[str, object]:
+        """fsspec options for s3:// locations (credentials come from the standard AWS env)."""
+        if self.s3_endpoint_url:
+            return {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
+        return {}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment now (never at import time) and apply explicit overrides."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

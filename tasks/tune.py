@@ -1,0 +1,286 @@
+"""Tune: Ray Tune search (Optuna sampler, ASHA early stopping) over XGBoost hyperparameters.
+
+Each trial declares its resources. On a cluster with GPUs a trial takes one and XGBoost trains on
+CUDA; where the GPU resource exists but no device is visible (or there is no GPU at all) it trains
+on CPU with no code change and says so. Every trial is logged to MLflow under one parent run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mlops.registry import get_or_create_experiment
+from mlops.results import FeatureSet, TuneResult
+from mlops.settings import Settings
+from mlops.storage import Storage
+from tasks.common import stage
+
+METRIC = "valid_auc"
+MODEL_FILE = "model.ubj"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TuneBudget:
+    num_samples: int = 8
+    max_concurrent: int = 2
+    time_limit_s: float | None = None
+    max_rounds: int = 300
+    early_stopping_rounds: int = 20
+    report_every: int = 10
+    cpus_per_trial: int = 1
+    use_gpu: bool = True
+    seed: int = 42
+
+
+def search_space() -> dict[str, Any]:
+    from ray import tune
+
+    return {
+        "eta": tune.loguniform(0.03, 0.3),
+        "max_depth": tune.randint(3, 11),
+        "min_child_weight": tune.loguniform(1.0, 50.0),
+        "subsample": tune.uniform(0.6, 1.0),
+        "colsample_bytree": tune.uniform(0.5, 1.0),
+        "lambda": tune.loguniform(0.01, 10.0),
+    }
+
+
+def cuda_device_visible() -> bool:
+    """True when this process can see an NVIDIA device and XGBoost was built with CUDA."""
+    import xgboost as xgb
+
+    if not xgb.build_info().get("USE_CUDA"):
+        return False
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "NoDevFiles"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def choose_device(assigned_gpus: list[Any], cuda_visible: bool) -> tuple[str, str]:
+    """(device, note): CUDA only when a GPU was assigned and a device is really visible."""
+    if assigned_gpus and cuda_visible:
+        return "cuda", f"training on CUDA (GPU ids {assigned_gpus})"
+    if assigned_gpus:
+        return "cpu", "GPU resource assigned but no CUDA device visible: falling back to CPU"
+    return "cpu", "no GPU assigned: training on CPU"
+
+
+def xgb_params(config: dict[str, Any], device: str, nthread: int) -> dict[str, Any]:
+    return {
+        "objective": "binary:logistic",
+        "eval_metric": "auc",
+        "tree_method": "hist",
+        "device": device,
+        "nthread": nthread,
+        "max_bin": 128,
+        **config,
+    }
+
+
+def train_trial(
+    config: dict[str, Any],
+    *,
+    storage: Storage,
+    features: FeatureSet,
+    budget: TuneBudget,
+) -> None:
+    """One trial: train with early stopping, report every few rounds, checkpoint the booster."""
+    import ray
+    import xgboost as xgb
+    from ray import tune
+
+    from tasks.transform import read_split
+
+    device, note = choose_device(ray.get_gpu_ids(), cuda_device_visible())
+    if "falling back" in note:
+        log.warning(note)
+    else:
+        log.info(note)
+    train = read_split(storage, features, "train")
+    valid = read_split(storage, features, "valid")
+    cols = list(features.feature_columns)
+    dtrain = xgb.DMatrix(train[cols], label=train["label"])
+    dvalid = xgb.DMatrix(valid[cols], label=valid["label"])
+
+    class Report(xgb.callback.TrainingCallback):
+        def after_iteration(self, model: Any, epoch: int, evals_log: dict) -> bool:
+            if (epoch + 1) % budget.report_every == 0:
+                tune.report({METRIC: float(evals_log["valid"]["auc"][-1]), "rounds": epoch + 1,
+                             "device": device})  # fmt: skip
+            return False
+
+    booster = xgb.train(
+        xgb_params(config, device, budget.cpus_per_trial),
+        dtrain,
+        num_boost_round=budget.max_rounds,
+        evals=[(dvalid, "valid")],
+        early_stopping_rounds=budget.early_stopping_rounds,
+        callbacks=[Report()],
+        verbose_eval=False,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        booster.save_model(os.path.join(tmp, MODEL_FILE))
+        tune.report(
+            {
+                METRIC: float(booster.best_score),
+                "rounds": int(booster.best_iteration) + 1,
+                "device": device,
+                "completed": 1,
+            },
+            checkpoint=tune.Checkpoint.from_directory(tmp),
+        )
+
+
+def gpus_per_trial(budget: TuneBudget) -> float:
+    import ray
+
+    return 1.0 if budget.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def run_search(
+    storage: Storage, features: FeatureSet, budget: TuneBudget
+) -> tuple[Any, float]:
+    """Run the Tune experiment; returns (ResultGrid, gpus per trial)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    gpus = gpus_per_trial(budget)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, storage=storage, features=features, budget=budget),
+        {"cpu": budget.cpus_per_trial, "gpu": gpus},
+    )
+    max_t = budget.max_rounds // budget.report_every + 1
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            search_alg=OptunaSearch(seed=budget.seed),
+            scheduler=ASHAScheduler(max_t=max_t, grace_period=3, reduction_factor=3),
+            num_samples=budget.num_samples,
+            max_concurrent_trials=budget.max_concurrent,
+            time_budget_s=budget.time_limit_s,
+        ),
+        run_config=tune.RunConfig(
+            name=f"hpo-{features.snapshot_hash}-{uuid.uuid4().hex[:6]}",
+            storage_path=storage.path("ray_results"),
+            storage_filesystem=storage.pyarrow_fs(),
+            verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    return tuner.fit(), gpus
+
+
+def log_trials_to_mlflow(
+    grid: Any, settings: Settings, features: FeatureSet, budget: TuneBudget, gpus: float
+) -> tuple[str, str]:
+    """One parent run for the search, one child run per trial with its params and metric curve."""
+    import time
+
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    exp_id = get_or_create_experiment(client, settings)
+    parent = client.create_run(
+        exp_id,
+        run_name=f"hpo-{features.snapshot_hash}",
+        tags={"stage": "hpo", "feature_snapshot_hash": features.snapshot_hash},
+    )
+    pid = parent.info.run_id
+    client.log_batch(
+        pid,
+        params=[Param(k, str(v)) for k, v in asdict(budget).items()]
+        + [Param("gpus_per_trial", str(gpus)), Param("features_uri", features.uri)],
+    )
+    now = int(time.time() * 1000)
+    for i, result in enumerate(grid):
+        child = client.create_run(
+            exp_id,
+            run_name=f"trial-{i:03d}",
+            tags={"mlflow.parentRunId": pid, "stage": "hpo-trial"},
+        )
+        cid = child.info.run_id
+        metrics: list[Metric] = []
+        df = result.metrics_dataframe
+        if df is not None and METRIC in df:
+            for _, row in df.dropna(subset=[METRIC]).iterrows():
+                metrics.append(Metric(METRIC, float(row[METRIC]), now, int(row["rounds"])))
+        final = result.metrics or {}
+        tags = [
+            RunTag("device", str(final.get("device", "unknown"))),
+            RunTag("stopped_early", str(not final.get("completed"))),
+        ]
+        if result.error:
+            tags.append(RunTag("error", str(result.error).splitlines()[0][:500]))
+        client.log_batch(
+            cid,
+            params=[Param(k, str(v)) for k, v in (result.config or {}).items()],
+            metrics=metrics,
+            tags=tags,
+        )
+        client.set_terminated(cid, "FAILED" if result.error else "FINISHED")
+    client.set_terminated(pid, "FINISHED")
+    return pid, exp_id
+
+
+def pick_best(grid: Any) -> Any:
+    """Best completed trial (ASHA-stopped trials have no final checkpoint)."""
+    done = [r for r in grid if r.checkpoint is not None and not r.error and r.metrics]
+    if not done:
+        errors = [str(r.error).splitlines()[0] for r in grid if r.error]
+        raise RuntimeError(f"no trial completed; first errors: {errors[:3]}")
+    return max(done, key=lambda r: r.metrics[METRIC])
+
+
+def tune_model(settings: Settings, features: FeatureSet, budget: TuneBudget) -> TuneResult:
+    storage = Storage(settings.storage_root, settings.storage_options)
+    grid, gpus = run_search(storage, features, budget)
+    pid, exp_id = log_trials_to_mlflow(grid, settings, features, budget, gpus)
+    best = pick_best(grid)
+    return TuneResult(
+        best_params={k: v for k, v in best.config.items()},
+        best_metric=float(best.metrics[METRIC]),
+        metric_name=METRIC,
+        trial_count=len(grid),
+        completed_trials=sum(1 for r in grid if (r.metrics or {}).get("completed")),
+        best_checkpoint=posixpath.join(best.checkpoint.path, MODEL_FILE),
+        parent_run_id=pid,
+        experiment_id=exp_id,
+        device=str(best.metrics.get("device", "cpu")),
+    )
+
+
+@stage(
+    "tune_hyperparameters",
+    cache_on=lambda p: (
+        p["settings"].storage_root,
+        p["settings"].mlflow_tracking_uri,
+        p["features"].snapshot_hash,
+        p["budget"],
+    ),
+)
+def tune_hyperparameters(settings: Settings, features: FeatureSet, budget: TuneBudget) -> TuneResult:
+    """Prefect wrapper: run the search; the task itself holds no CPU (its trials do)."""
+    from prefect import get_run_logger
+
+
+    result = tune_model(settings, features, budget)
+    get_run_logger().info(
+        "tuned %d trials (%d completed) on %s: best %s=%.4f params=%s",
+        result.trial_count, result.completed_trials, result.device, result.metric_name,
+        result.best_metric, result.best_params,
+    )  # fmt: skip
+    return result
