@@ -69,7 +69,9 @@ class FlightDelayModel:
 
         self.cfg = ModelConfig(**config)
         mlflow.set_tracking_uri(self.cfg.tracking_uri)
-        self.booster = mlflow.xgboost.load_model(f"models:/{self.cfg.model_name}/{self.cfg.version}")
+        self.booster = mlflow.xgboost.load_model(
+            f"models:/{self.cfg.model_name}/{self.cfg.version}"
+        )
         self.booster.set_param({"nthread": 1})
         root, leaf = posixpath.split(self.cfg.dims_uri.rstrip("/"))
         dims = Storage(root, self.cfg.storage_options)
@@ -90,8 +92,9 @@ class FlightDelayModel:
         out = []
         for p, w, pl in zip(probs, feats["weather_known"], feats["plane_known"], strict=True):
             missing = [name for name, known in (("weather", w), ("plane", pl)) if not known]
-            out.append({"probability_late": round(float(p), 6), "late": bool(p >= 0.5),
-                        "missing": missing})  # fmt: skip
+            out.append(
+                {"probability_late": round(float(p), 6), "late": bool(p >= 0.5), "missing": missing}
+            )
         return out
 
     @api.post("/predict")

@@ -32,18 +32,6 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def _check_source(source: str) -> None:
-    from mlops.errors import SourceError
-    from tasks.ingest import BUNDLED_SOURCE
-
-    if source == BUNDLED_SOURCE or "://" in source:
-        return  # the bundled data always exists; remote sources are checked when read
-    if not Path(source).exists():
-        raise SourceError(f"source {source} does not exist")
-    if not Path(source).is_dir():
-        raise SourceError(f"source {source} is not a directory of flights/weather/planes tables")
-
-
 @app.command()
 def run(
     start: str = typer.Option("2013-01-01", help="First date of the window (YYYY-MM-DD)."),
@@ -71,12 +59,11 @@ def run(
 
     t0 = time.monotonic()
     try:
-        settings = load_settings()
-        prepare_process(settings)
-        from tasks.ingest import parse_window
+        settings = prepare_process(load_settings())
+        from tasks.ingest import parse_window, probe_source
 
         parse_window(start, end)
-        _check_source(source)
+        probe_source(source, settings.storage_options)
     except UserError as exc:
         _fail(_one_line(exc), EXIT_USER)
     except Exception as exc:  # settings that do not parse are user errors too
@@ -87,7 +74,8 @@ def run(
     typer.echo(f"mlops: state under {settings.home}; starting Ray and the Prefect API ...")
     with runtime(settings) as rt:
         typer.echo(
-            f"mlops: Prefect API {rt.prefect_api_url} ({'local' if rt.owns_prefect else 'server'}), "
+            f"mlops: Prefect API {rt.prefect_api_url} "
+            f"({'local' if rt.owns_prefect else 'server'}), "
             f"Ray {'embedded' if rt.owns_ray else settings.ray_address} "
             f"({time.monotonic() - t0:.1f}s)"
         )
@@ -109,9 +97,14 @@ def run(
         )
         result = state.result(raise_on_failure=False)
         if state.is_completed():
+            stages = stage_seconds(str(state.state_details.flow_run_id))
             lines = summary_lines(result, settings, rt.owns_ray, time.monotonic() - t0)
+            lines.insert(
+                -1 if rt.owns_ray else len(lines),
+                "stage seconds      " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()),
+            )
             typer.echo("\n".join(lines))
-            payload = summary_dict(result, time.monotonic() - t0)
+            payload = {**summary_dict(result, time.monotonic() - t0), "stage_seconds": stages}
             (settings.home / "last_run.json").write_text(json.dumps(payload, indent=2, default=str))
             if summary_json:
                 summary_json.write_text(json.dumps(payload, indent=2, default=str))
@@ -132,6 +125,22 @@ def _report_failure(result: Any, debug: bool) -> None:
     if isinstance(exc, PromotionFailed):
         _fail(f"promotion failed: {_one_line(exc)}", EXIT_FAILED)
     _fail(f"pipeline failed: {type(exc).__name__}: {_one_line(exc)}", EXIT_FAILED)
+
+
+def stage_seconds(flow_run_id: str) -> dict[str, float]:
+    """Wall time of each stage, from the task runs the Prefect API recorded."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    out = {}
+    for run in sorted(runs, key=lambda r: r.start_time or r.expected_start_time):
+        if run.start_time and run.end_time:
+            out[run.name.rsplit("-", 1)[0]] = (run.end_time - run.start_time).total_seconds()
+    return out
 
 
 def summary_dict(summary: Any, seconds: float) -> dict[str, Any]:

@@ -23,6 +23,10 @@ class ValidationFailed(Exception):
         super().__init__(message)
         self.report = report
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray and Prefect pickle exceptions between processes; keep the report on the way.
+        return (type(self), (str(self), self.report))
+
 
 class PromotionFailed(Exception):
     """A challenger could not be deployed or failed its health check; nothing was switched."""

@@ -20,23 +20,55 @@ LEAKY_COLUMNS = frozenset({"dep_time", "dep_delay", "arr_time", "arr_delay", "ai
 
 FLIGHT_KEY = ("date", "carrier", "flight", "origin", "sched_dep_time")
 REQUEST_COLUMNS = (
-    "year", "month", "day", "sched_dep_time", "sched_arr_time",
-    "carrier", "flight", "tailnum", "origin", "dest", "distance",
-)  # fmt: skip
+    "year",
+    "month",
+    "day",
+    "sched_dep_time",
+    "sched_arr_time",
+    "carrier",
+    "flight",
+    "tailnum",
+    "origin",
+    "dest",
+    "distance",
+)
 WEATHER_KEY = ("origin", "year", "month", "day", "hour")
 WEATHER_COLUMNS = (
-    "temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib",
-)  # fmt: skip
+    "temp",
+    "dewp",
+    "humid",
+    "wind_dir",
+    "wind_speed",
+    "wind_gust",
+    "precip",
+    "pressure",
+    "visib",
+)
 PLANE_COLUMNS = ("plane_year", "seats", "engines", "plane_type", "manufacturer")
 
 FEATURE_COLUMNS: tuple[str, ...] = (
-    "month", "day", "day_of_week", "day_of_year", "sched_dep_hour", "sched_dep_minute_of_day",
-    "sched_arr_minute_of_day", "sched_block_minutes", "distance", "flight",
-    "carrier_code", "origin_code", "dest_code",
+    "month",
+    "day",
+    "day_of_week",
+    "day_of_year",
+    "sched_dep_hour",
+    "sched_dep_minute_of_day",
+    "sched_arr_minute_of_day",
+    "sched_block_minutes",
+    "distance",
+    "flight",
+    "carrier_code",
+    "origin_code",
+    "dest_code",
     *WEATHER_COLUMNS,
-    "plane_age", "seats", "engines", "plane_type_code", "manufacturer_code",
-    "weather_known", "plane_known",
-)  # fmt: skip
+    "plane_age",
+    "seats",
+    "engines",
+    "plane_type_code",
+    "manufacturer_code",
+    "weather_known",
+    "plane_known",
+)
 
 SPLITS = ("train", "valid", "test")
 
@@ -84,16 +116,25 @@ def prepare_weather(weather: pd.DataFrame) -> pd.DataFrame:
     cols = [*WEATHER_KEY, *WEATHER_COLUMNS]
     out = weather.loc[:, cols].drop_duplicates(subset=list(WEATHER_KEY), keep="first")
     out = out.astype({c: "float64" for c in WEATHER_COLUMNS})
-    return out.astype({"origin": "object", "year": "int64", "month": "int64", "day": "int64",
-                       "hour": "int64"})  # fmt: skip
+    return out.astype(
+        {"origin": "object", "year": "int64", "month": "int64", "day": "int64", "hour": "int64"}
+    )
 
 
 def prepare_planes(planes: pd.DataFrame) -> pd.DataFrame:
     out = planes.loc[:, ["tailnum", "year", "seats", "engines", "type", "manufacturer"]]
     out = out.rename(columns={"year": "plane_year", "type": "plane_type"})
     out = out.drop_duplicates(subset=["tailnum"], keep="first")
-    return out.astype({"tailnum": "object", "plane_year": "float64", "seats": "float64",
-                       "engines": "float64", "plane_type": "object", "manufacturer": "object"})  # fmt: skip
+    return out.astype(
+        {
+            "tailnum": "object",
+            "plane_year": "float64",
+            "seats": "float64",
+            "engines": "float64",
+            "plane_type": "object",
+            "manufacturer": "object",
+        }
+    )
 
 
 def build_features(
@@ -107,11 +148,21 @@ def build_features(
     """
     f = pd.DataFrame(
         {
-            **{c: _num(flights[c]) for c in ("year", "month", "day", "sched_dep_time",
-                                              "sched_arr_time", "flight", "distance")},
+            **{
+                c: _num(flights[c])
+                for c in (
+                    "year",
+                    "month",
+                    "day",
+                    "sched_dep_time",
+                    "sched_arr_time",
+                    "flight",
+                    "distance",
+                )
+            },
             **{c: _str(flights[c]) for c in ("carrier", "tailnum", "origin", "dest")},
         }
-    )  # fmt: skip
+    )
     for c in ("year", "month", "day"):
         f[c] = f[c].fillna(-1).astype("int64")
     f["hour"] = (f["sched_dep_time"] // 100).fillna(-1).astype("int64")

@@ -1,4 +1,4 @@
-"""The model registry behind a small interface: MLflow with aliases (never the deprecated stages)."""
+"""The model registry behind a small interface: MLflow aliases, never the deprecated stages."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -141,4 +141,3 @@ class PipelineSummary:
     decision: PromotionDecision
     serving: ServingResult
     flow_run_id: str | None = None
-    stage_seconds: dict[str, float] = field(default_factory=dict)

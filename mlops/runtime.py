@@ -19,17 +19,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from mlops.settings import Settings
+from mlops.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
 # Locations the workers must share with the driver. Credentials are not forwarded: on a cluster
 # each node gets them from its own environment or instance role.
 _FORWARDED = (
-    "MLOPS_STORAGE_ROOT", "MLOPS_MLFLOW_ARTIFACT_ROOT", "MLOPS_MODEL_NAME", "MLOPS_SERVE_PORT",
-    "MLOPS_SERVE_HOST", "MLOPS_EXPERIMENT_NAME", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-    "AWS_DEFAULT_REGION", "PREFECT_TASKS_REFRESH_CACHE", "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK",
-)  # fmt: skip
+    "MLOPS_STORAGE_ROOT",
+    "MLOPS_MLFLOW_ARTIFACT_ROOT",
+    "MLOPS_MODEL_NAME",
+    "MLOPS_SERVE_PORT",
+    "MLOPS_SERVE_HOST",
+    "MLOPS_EXPERIMENT_NAME",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "PREFECT_TASKS_REFRESH_CACHE",
+    "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK",
+)
 
 
 def prefect_env(settings: Settings) -> dict[str, str]:
@@ -88,19 +96,19 @@ class Runtime:
     owns_prefect: bool
 
 
-def prepare_process(settings: Settings) -> str | None:
+def prepare_process(settings: Settings) -> Settings:
     """Set the environment Prefect must see before it is imported; pick the local API's port.
 
-    Returns the Prefect API URL this process will use, or None when a local one is to be started
-    by :func:`runtime` (its URL is then already in ``PREFECT_API_URL``).
+    Without a configured ``PREFECT_API_URL``, one local API will be started by :func:`runtime`;
+    its URL is put in the environment now. Returns the settings as they now read.
     """
     settings.home.mkdir(parents=True, exist_ok=True)
     for key, value in prefect_env(settings).items():
         os.environ.setdefault(key, value)
-    if settings.prefect_api_url:
-        return settings.prefect_api_url
-    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{free_port()}/api"
-    return None
+    if not settings.prefect_api_url:
+        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{free_port()}/api"
+        os.environ["MLOPS_EMBEDDED_PREFECT"] = "1"
+    return load_settings()
 
 
 @contextmanager
@@ -111,8 +119,8 @@ def runtime(settings: Settings) -> Iterator[Runtime]:
     """
     import ray
 
-    owns_prefect = settings.prefect_api_url is None
-    api_url = settings.prefect_api_url or os.environ.get("PREFECT_API_URL")
+    owns_prefect = settings.embedded_prefect
+    api_url = settings.prefect_api_url
     if not api_url:
         raise RuntimeError("prepare_process() must run before runtime()")
     server = None
@@ -128,14 +136,28 @@ def runtime(settings: Settings) -> Iterator[Runtime]:
         except BaseException as exc:
             errors.append(exc)
 
+    def open_tracking_store() -> None:
+        # Creating a fresh SQLite store runs MLflow's migrations (seconds): do it while Ray starts.
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(settings.mlflow_tracking_uri).search_experiments(max_results=1)
+        except Exception as exc:  # the stage that needs MLflow reports it properly
+            log.warning("MLflow tracking store not ready yet: %s", exc)
+
     thread = threading.Thread(target=start_prefect, name="prefect-api", daemon=True)
     if owns_prefect:
         thread.start()
+    mlflow_thread = threading.Thread(target=open_tracking_store, name="mlflow", daemon=True)
+    if settings.mlflow_tracking_uri.startswith("sqlite:"):
+        mlflow_thread.start()
     owns_ray = not ray.is_initialized()
     try:
         if owns_ray:
             kwargs = ray_init_kwargs(settings, api_url)
             ray.init(kwargs.pop("address", None), **kwargs)
+        if mlflow_thread.is_alive():
+            mlflow_thread.join()
         if owns_prefect:
             thread.join()
             if errors:

@@ -39,13 +39,19 @@ class Settings(BaseSettings):
     )
     s3_endpoint_url: str | None = Field(
         default=None,
-        validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLOPS_S3_ENDPOINT_URL"),
+        validation_alias=AliasChoices(
+            "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLOPS_S3_ENDPOINT_URL"
+        ),
     )
     model_name: str = "flights-delay"
     experiment_name: str = "flights-delay"
     serve_host: str = "127.0.0.1"
     serve_port: int = 8000
     serve_app_name: str = "flights"
+    embedded_prefect: bool = Field(
+        default=False,
+        description="Set by the runtime when PREFECT_API_URL names a local API it starts itself.",
+    )
     ray_num_cpus: int | None = Field(
         default=None, description="CPUs for an embedded Ray instance (default: all)."
     )

@@ -125,7 +125,9 @@ class Storage:
         return target
 
     def write_json(self, rel: str, obj: Any) -> str:
-        return self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        return self.write_bytes(
+            rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        )
 
     def write_parquet(self, rel: str, table: pa.Table) -> str:
         buf = io.BytesIO()

@@ -101,16 +101,21 @@ def decide_promotion(
     pct = f"{policy.confidence:.0%}"
     detail = (
         f"{policy.metric} {comparison.challenger_score:.4f} vs champion "
-        f"{comparison.champion_score:.4f}, delta {comparison.delta:+.4f}, {pct} CI [{lo:+.4f}, {hi:+.4f}]"
+        f"{comparison.champion_score:.4f}, delta {comparison.delta:+.4f}, "
+        f"{pct} CI [{lo:+.4f}, {hi:+.4f}]"
     )
     if lo > policy.margin:
-        return decision(True, f"challenger is better beyond the {policy.margin:+.4f} margin: {detail}")
+        return decision(
+            True, f"challenger is better beyond the {policy.margin:+.4f} margin: {detail}"
+        )
     if comparison.delta == 0:
         return decision(False, f"tie: {detail}")
     if hi < 0:
         return decision(False, f"challenger is worse: {detail}")
     if comparison.delta <= policy.margin:
-        return decision(False, f"challenger is not better by the {policy.margin:+.4f} margin: {detail}")
+        return decision(
+            False, f"challenger is not better by the {policy.margin:+.4f} margin: {detail}"
+        )
     return decision(False, f"difference is within noise (CI lower bound <= margin): {detail}")
 
 
@@ -178,7 +183,6 @@ def evaluate_challenger(
     """Prefect wrapper: decide, and record the decision as an artifact and as MLflow tags."""
     from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact
-
 
     d = evaluate(settings, model, features, policy)
     create_markdown_artifact(

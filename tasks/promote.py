@@ -23,8 +23,9 @@ from tasks.common import stage
 SMOKE_TOLERANCE = 1e-5
 
 
-def smoke_flights(storage_root: str, storage_options: dict, features: FeatureSet, n: int = 8
-                  ) -> list[dict[str, Any]]:  # fmt: skip
+def smoke_flights(
+    storage_root: str, storage_options: dict, features: FeatureSet, n: int = 8
+) -> list[dict[str, Any]]:
     """Real flights from the test window, as serving requests."""
     from mlops.storage import Storage
     from tasks.ingest import partition_path
@@ -57,8 +58,13 @@ def to_requests(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-def offline_predictions(registry: ModelRegistry, version: str, features: FeatureSet,
-                        requests: list[dict[str, Any]], storage_options: dict) -> np.ndarray:  # fmt: skip
+def offline_predictions(
+    registry: ModelRegistry,
+    version: str,
+    features: FeatureSet,
+    requests: list[dict[str, Any]],
+    storage_options: dict,
+) -> np.ndarray:
     """What the registry model gives for the requests outside Serve, through the same features."""
     import posixpath
 
@@ -76,8 +82,13 @@ def offline_predictions(registry: ModelRegistry, version: str, features: Feature
     return booster.predict(xgb.DMatrix(feats.loc[:, list(FEATURE_COLUMNS)]))
 
 
-def check_endpoint(base_url: str, requests: list[dict[str, Any]], expected: np.ndarray,
-                   version: str, timeout_s: float = 60.0) -> dict[str, Any]:  # fmt: skip
+def check_endpoint(
+    base_url: str,
+    requests: list[dict[str, Any]],
+    expected: np.ndarray,
+    version: str,
+    timeout_s: float = 60.0,
+) -> dict[str, Any]:
     """Health-check over HTTP and compare smoke predictions; raises PromotionFailed."""
     import httpx
 
@@ -101,7 +112,9 @@ def check_endpoint(base_url: str, requests: list[dict[str, Any]], expected: np.n
     body = resp.json()
     got = np.array([p["probability_late"] for p in body["predictions"]])
     if body.get("version") != version or got.shape != expected.shape:
-        raise PromotionFailed(f"smoke answer came from version {body.get('version')}, not {version}")
+        raise PromotionFailed(
+            f"smoke answer came from version {body.get('version')}, not {version}"
+        )
     worst = float(np.max(np.abs(got - expected))) if len(got) else 0.0
     if worst > SMOKE_TOLERANCE:
         raise PromotionFailed(f"smoke predictions differ from the registry model by {worst:.2e}")
@@ -141,29 +154,55 @@ def promote(
         )
 
     live_url = settings.serve_url
+    serving = _serving_version(live_url)
     if decision.promote:
         version = model.version
-        expected = offline_predictions(registry, version, features, requests, settings.storage_options)
-        candidate = f"{settings.serve_app_name}-candidate"
         try:
-            deploy(build_app(config_for(version)), candidate, "/candidate")
-            check_endpoint(f"{live_url}/candidate", requests, expected, version)
+            expected = offline_predictions(
+                registry, version, features, requests, settings.storage_options
+            )
         except Exception as exc:
+            raise PromotionFailed(
+                f"version {version} not promoted: it failed to load from the registry: "
+                f"{_one_line(exc)}"
+            ) from None
+        if serving is None:
+            # Nothing is live to protect: deploy straight to the live route and check it there.
+            body = _deploy_checked(
+                build_app(config_for(version)),
+                settings.serve_app_name,
+                "/",
+                live_url,
+                requests,
+                expected,
+                version,
+            )
+        else:
+            # Blue-green: the candidate proves itself on its own route before the switch.
+            candidate = f"{settings.serve_app_name}-candidate"
+            _deploy_checked(
+                build_app(config_for(version)),
+                candidate,
+                "/candidate",
+                f"{live_url}/candidate",
+                requests,
+                expected,
+                version,
+            )
+            deploy(build_app(config_for(version)), settings.serve_app_name, "/")
+            body = check_endpoint(live_url, requests, expected, version)
             _delete_quietly(candidate)
-            reason = exc if isinstance(exc, PromotionFailed) else f"candidate failed to deploy: {exc}"
-            raise PromotionFailed(f"version {version} not promoted: {reason}") from None
         previous = registry.alias_version(CHAMPION)
-        deploy(build_app(config_for(version)), settings.serve_app_name, "/")
-        body = check_endpoint(live_url, requests, expected, version)
         if previous is not None:
             registry.set_alias(PREVIOUS_CHAMPION, previous)
         registry.set_alias(CHAMPION, version)
-        _delete_quietly(candidate)
         detail = f"version {version} promoted; previous champion {previous or 'none'}"
     else:
         version = decision.champion_version or model.version
-        expected = offline_predictions(registry, version, features, requests, settings.storage_options)
-        if _serving_version(live_url) != version:
+        expected = offline_predictions(
+            registry, version, features, requests, settings.storage_options
+        )
+        if serving != version:
             deploy(build_app(config_for(version)), settings.serve_app_name, "/")
         body = check_endpoint(live_url, requests, expected, version)
         detail = f"champion version {version} kept serving; challenger {model.version} not promoted"
@@ -177,6 +216,29 @@ def promote(
         sample_prediction={"version": body["version"], **body["predictions"][0]},
         detail=detail,
     )
+
+
+def _deploy_checked(
+    app: Any,
+    name: str,
+    route: str,
+    url: str,
+    requests: list[dict[str, Any]],
+    expected: np.ndarray,
+    version: str,
+) -> dict[str, Any]:
+    """Deploy and health/smoke-check; on any failure remove the app and raise PromotionFailed."""
+    try:
+        deploy(app, name, route)
+        return check_endpoint(url, requests, expected, version)
+    except Exception as exc:
+        _delete_quietly(name)
+        reason = exc if isinstance(exc, PromotionFailed) else f"failed to deploy: {_one_line(exc)}"
+        raise PromotionFailed(f"version {version} not promoted: {reason}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
 
 
 def _serving_version(base_url: str) -> str | None:
@@ -194,7 +256,7 @@ def _delete_quietly(app_name: str) -> None:
 
     try:
         serve.delete(app_name)
-    except Exception:  # noqa: S110 - nothing to clean up is fine
+    except Exception:
         pass
 
 
@@ -207,7 +269,6 @@ def promote_model(
 ) -> ServingResult:
     """Prefect wrapper: deploy and switch, or keep the champion serving; never retried blindly."""
     from prefect import get_run_logger
-
 
     result = promote(settings, decision, model, features)
     get_run_logger().info("%s; serving at %s", result.detail, result.url)

@@ -111,13 +111,18 @@ def register(
     version = str(info.registered_model_version)
     registry.tag_version(version, lineage.tags())
     registry.set_alias(CHALLENGER, version)
-    return RegisteredModel(settings.model_name, version, tune.parent_run_id, registry.model_uri(version))
+    return RegisteredModel(
+        settings.model_name, version, tune.parent_run_id, registry.model_uri(version)
+    )
 
 
 @stage(
     "register_model",
-    cache_on=lambda p: (p["settings"].mlflow_tracking_uri, p["settings"].model_name,
-                        p["tune"].parent_run_id),  # fmt: skip
+    cache_on=lambda p: (
+        p["settings"].mlflow_tracking_uri,
+        p["settings"].model_name,
+        p["tune"].parent_run_id,
+    ),
 )
 def register_model(
     settings: Settings,

@@ -11,6 +11,7 @@ import hashlib
 import posixpath
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -38,25 +39,35 @@ READ_COLUMNS = list(REQUIRED_COLUMNS["flights"])
 @dataclass(frozen=True)
 class TransformConfig:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    batch_size: int = 65_536
+    partitions_per_block: int = 32
+    concurrency: int | None = None
 
 
-def featurize_batch(
-    batch: pd.DataFrame,
+def featurize_partitions(
+    batch: dict[str, Any],
+    storage: Storage,
     weather: pd.DataFrame,
     planes: pd.DataFrame,
     bounds: dict[str, tuple[str, str]],
 ) -> pd.DataFrame:
-    """One Ray Data batch: features, label and split; rows without a label are dropped."""
-    out = build_features(batch, weather, planes)
+    """One Ray Data block: read its daily partitions, join, featurize, label and split.
+
+    Rows without a label (cancelled or diverted flights) are dropped here, on purpose.
+    """
+    import pyarrow.parquet as pq
+
+    tables = [
+        pq.read_table(path, columns=READ_COLUMNS, filesystem=storage.pyarrow_fs())
+        for path in batch["path"]
+    ]
+    flights = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    out = build_features(flights, weather, planes)
     out["split"] = assign_split(out["date"], bounds)
     out = out[out[LABEL].notna() & out["split"].notna()]
     return out.reset_index(drop=True)
 
 
-def load_dimensions(
-    storage: Storage, dates: tuple[str, ...]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_dimensions(storage: Storage, dates: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Weather for the window's dates and the planes table, deduplicated for joining."""
     weather_parts = [
         storage.read_parquet(partition_path("weather", d))
@@ -103,24 +114,33 @@ def build_feature_snapshot(
 
     weather, planes = load_dimensions(storage, dates)
     storage.write_parquet(
-        posixpath.join(dims_rel, "weather.parquet"), pa.Table.from_pandas(weather, preserve_index=False)
+        posixpath.join(dims_rel, "weather.parquet"),
+        pa.Table.from_pandas(weather, preserve_index=False),
     )
     storage.write_parquet(
-        posixpath.join(dims_rel, "planes.parquet"), pa.Table.from_pandas(planes, preserve_index=False)
+        posixpath.join(dims_rel, "planes.parquet"),
+        pa.Table.from_pandas(planes, preserve_index=False),
     )
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    paths = [storage.path(partition_path("flights", d)) for d in dates]
-    ds = ray.data.read_parquet(
-        paths, filesystem=storage.pyarrow_fs(), columns=READ_COLUMNS, partitioning=None
-    )
+    # One item per daily partition, grouped into blocks: each task reads its partitions itself
+    # (no footer-scanning actors, which cost a worker process per file group on small nodes).
+    paths = [{"path": storage.path(partition_path("flights", d))} for d in dates]
+    blocks = max(1, -(-len(paths) // cfg.partitions_per_block))
+    ds = ray.data.from_items(paths, override_num_blocks=blocks)
     ds = ds.map_batches(
-        featurize_batch,
-        batch_format="pandas",
-        batch_size=cfg.batch_size,
-        fn_kwargs={"weather": weather, "planes": planes, "bounds": bounds},
+        featurize_partitions,
+        batch_format="numpy",
+        batch_size=None,
+        concurrency=cfg.concurrency,
+        fn_kwargs={
+            "storage": storage,
+            "weather": weather,
+            "planes": planes,
+            "bounds": bounds,
+        },
     )
     tmp_rel = posixpath.join("features", "_tmp", f"{snapshot_id}-{uuid.uuid4().hex[:8]}")
     ds.write_parquet(
@@ -167,7 +187,6 @@ def build_feature_set(
 ) -> FeatureSet:
     """Prefect wrapper: build and publish the feature snapshot for the validated window."""
     from prefect import get_run_logger
-
 
     storage = Storage(settings.storage_root, settings.storage_options)
     features = build_feature_snapshot(report, storage, config)

@@ -89,24 +89,24 @@ def xgb_params(config: dict[str, Any], device: str, nthread: int) -> dict[str, A
 def train_trial(
     config: dict[str, Any],
     *,
-    storage: Storage,
+    train: Any,
+    valid: Any,
     features: FeatureSet,
     budget: TuneBudget,
 ) -> None:
-    """One trial: train with early stopping, report every few rounds, checkpoint the booster."""
+    """One trial: train with early stopping, report every few rounds, checkpoint the booster.
+
+    ``train`` and ``valid`` arrive through the object store (read once, shared by all trials).
+    """
     import ray
     import xgboost as xgb
     from ray import tune
-
-    from tasks.transform import read_split
 
     device, note = choose_device(ray.get_gpu_ids(), cuda_device_visible())
     if "falling back" in note:
         log.warning(note)
     else:
         log.info(note)
-    train = read_split(storage, features, "train")
-    valid = read_split(storage, features, "valid")
     cols = list(features.feature_columns)
     dtrain = xgb.DMatrix(train[cols], label=train["label"])
     dvalid = xgb.DMatrix(valid[cols], label=valid["label"])
@@ -114,8 +114,13 @@ def train_trial(
     class Report(xgb.callback.TrainingCallback):
         def after_iteration(self, model: Any, epoch: int, evals_log: dict) -> bool:
             if (epoch + 1) % budget.report_every == 0:
-                tune.report({METRIC: float(evals_log["valid"]["auc"][-1]), "rounds": epoch + 1,
-                             "device": device})  # fmt: skip
+                tune.report(
+                    {
+                        METRIC: float(evals_log["valid"]["auc"][-1]),
+                        "rounds": epoch + 1,
+                        "device": device,
+                    }
+                )
             return False
 
     booster = xgb.train(
@@ -146,17 +151,21 @@ def gpus_per_trial(budget: TuneBudget) -> float:
     return 1.0 if budget.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
-def run_search(
-    storage: Storage, features: FeatureSet, budget: TuneBudget
-) -> tuple[Any, float]:
+def run_search(storage: Storage, features: FeatureSet, budget: TuneBudget) -> tuple[Any, float]:
     """Run the Tune experiment; returns (ResultGrid, gpus per trial)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from tasks.transform import read_split
+
     gpus = gpus_per_trial(budget)
+    train = read_split(storage, features, "train")
+    valid = read_split(storage, features, "valid")
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, storage=storage, features=features, budget=budget),
+        tune.with_parameters(
+            train_trial, train=train, valid=valid, features=features, budget=budget
+        ),
         {"cpu": budget.cpus_per_trial, "gpu": gpus},
     )
     max_t = budget.max_rounds // budget.report_every + 1
@@ -171,6 +180,7 @@ def run_search(
             num_samples=budget.num_samples,
             max_concurrent_trials=budget.max_concurrent,
             time_budget_s=budget.time_limit_s,
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=f"hpo-{features.snapshot_hash}-{uuid.uuid4().hex[:6]}",
@@ -213,12 +223,10 @@ def log_trials_to_mlflow(
             tags={"mlflow.parentRunId": pid, "stage": "hpo-trial"},
         )
         cid = child.info.run_id
-        metrics: list[Metric] = []
-        df = result.metrics_dataframe
-        if df is not None and METRIC in df:
-            for _, row in df.dropna(subset=[METRIC]).iterrows():
-                metrics.append(Metric(METRIC, float(row[METRIC]), now, int(row["rounds"])))
         final = result.metrics or {}
+        metrics = [
+            Metric(METRIC, float(value), now, int(step)) for step, value in metric_curve(result)
+        ]
         tags = [
             RunTag("device", str(final.get("device", "unknown"))),
             RunTag("stopped_early", str(not final.get("completed"))),
@@ -234,6 +242,22 @@ def log_trials_to_mlflow(
         client.set_terminated(cid, "FAILED" if result.error else "FINISHED")
     client.set_terminated(pid, "FINISHED")
     return pid, exp_id
+
+
+def metric_curve(result: Any) -> list[tuple[int, float]]:
+    """(boosting round, metric) pairs a trial reported.
+
+    A trial stopped by ASHA may have no progress file in its directory; its last reported
+    result is then the curve's only point.
+    """
+    df = result.metrics_dataframe
+    if df is not None and METRIC in df and "rounds" in df:
+        rows = df.dropna(subset=[METRIC])
+        return [(int(r), float(v)) for r, v in zip(rows["rounds"], rows[METRIC], strict=True)]
+    final = result.metrics or {}
+    if METRIC in final:
+        return [(int(final.get("rounds", 0)), float(final[METRIC]))]
+    return []
 
 
 def pick_best(grid: Any) -> Any:
@@ -272,15 +296,20 @@ def tune_model(settings: Settings, features: FeatureSet, budget: TuneBudget) -> 
         p["budget"],
     ),
 )
-def tune_hyperparameters(settings: Settings, features: FeatureSet, budget: TuneBudget) -> TuneResult:
+def tune_hyperparameters(
+    settings: Settings, features: FeatureSet, budget: TuneBudget
+) -> TuneResult:
     """Prefect wrapper: run the search; the task itself holds no CPU (its trials do)."""
     from prefect import get_run_logger
-
 
     result = tune_model(settings, features, budget)
     get_run_logger().info(
         "tuned %d trials (%d completed) on %s: best %s=%.4f params=%s",
-        result.trial_count, result.completed_trials, result.device, result.metric_name,
-        result.best_metric, result.best_params,
-    )  # fmt: skip
+        result.trial_count,
+        result.completed_trials,
+        result.device,
+        result.metric_name,
+        result.best_metric,
+        result.best_params,
+    )
     return result

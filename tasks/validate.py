@@ -24,8 +24,18 @@ from mlops.storage import Storage
 from tasks.common import stage
 from tasks.ingest import REQUIRED_COLUMNS, partition_path
 
-KEY_COLUMNS = ("year", "month", "day", "carrier", "flight", "origin", "dest", "sched_dep_time",
-               "sched_arr_time", "distance")  # fmt: skip
+KEY_COLUMNS = (
+    "year",
+    "month",
+    "day",
+    "carrier",
+    "flight",
+    "origin",
+    "dest",
+    "sched_dep_time",
+    "sched_arr_time",
+    "distance",
+)
 FLIGHT_KEY = ("date", "carrier", "flight", "origin", "sched_dep_time")
 INTEGER_LIKE = ("year", "month", "day", "sched_dep_time", "sched_arr_time", "flight", "distance")
 FLOAT_LIKE = ("arr_delay",)
@@ -91,9 +101,13 @@ def build_flights_suite() -> Any:
         )
     )
     for col in INTEGER_LIKE + FLOAT_LIKE:
-        suite.add_expectation(gxe.ExpectColumnValuesToBeInTypeList(column=col, type_list=NUMERIC_TYPES))
+        suite.add_expectation(
+            gxe.ExpectColumnValuesToBeInTypeList(column=col, type_list=NUMERIC_TYPES)
+        )
     for col in STRING_LIKE:
-        suite.add_expectation(gxe.ExpectColumnValuesToBeInTypeList(column=col, type_list=STRING_TYPES))
+        suite.add_expectation(
+            gxe.ExpectColumnValuesToBeInTypeList(column=col, type_list=STRING_TYPES)
+        )
     for col in KEY_COLUMNS:
         suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col))
     for col, bounds in RANGES.items():
@@ -307,7 +321,6 @@ def validate_partitions(
     from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact
 
-
     storage = Storage(settings.storage_root, settings.storage_options)
     report = validate_window(ingest, storage, config)
     create_markdown_artifact(
@@ -316,9 +329,12 @@ def validate_partitions(
     logger = get_run_logger()
     logger.info(
         "validation %s: %d rows, %d quarantined in %d partitions, %d cancelled/diverted",
-        report.verdict, report.rows, report.quarantined_rows, len(report.quarantined_dates),
+        report.verdict,
+        report.rows,
+        report.quarantined_rows,
+        len(report.quarantined_dates),
         report.cancelled_or_diverted,
-    )  # fmt: skip
+    )
     if report.verdict == "failed":
         raise ValidationFailed(
             f"{report.quarantine_share:.1%} of rows quarantined "

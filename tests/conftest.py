@@ -1,13 +1,46 @@
-"""Shared test set-up. Prefect reads its settings at import, so its home is set here first."""
+"""Shared test set-up.
+
+Prefect reads its settings once, at import, so everything it must see is set here, before any
+test module imports it: a private MLOPS_HOME, a Prefect home and the port of the one Prefect API
+the integration tests start. Tests are hermetic: servers named in the caller's environment are
+ignored.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 
-_SESSION_DIR = tempfile.mkdtemp(prefix="mlops-tests-")
-os.environ.setdefault("PREFECT_HOME", os.path.join(_SESSION_DIR, "prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+for _var in (
+    "PREFECT_API_URL",
+    "MLFLOW_TRACKING_URI",
+    "RAY_ADDRESS",
+    "MLOPS_STORAGE_ROOT",
+    "MLOPS_MLFLOW_TRACKING_URI",
+    "MLOPS_RAY_ADDRESS",
+    "MLOPS_PREFECT_API_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+):
+    os.environ.pop(_var, None)
+
+SESSION_DIR = tempfile.mkdtemp(prefix="mlops-tests-")
+os.environ["MLOPS_HOME"] = os.path.join(SESSION_DIR, "home")
+os.environ.setdefault("MLOPS_RAY_NUM_CPUS", "2")
+# Fake credentials for the loopback S3 endpoint (moto); never real ones.
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    }
+)
+
+from mlops.runtime import free_port, prepare_process  # noqa: E402
+from mlops.settings import load_settings  # noqa: E402
+
+os.environ["MLOPS_SERVE_PORT"] = str(free_port())
+prepare_process(load_settings())  # sets PREFECT_HOME and the local PREFECT_API_URL

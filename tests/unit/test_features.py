@@ -24,11 +24,23 @@ from mlops.features import (
 
 def flights_frame(**overrides: object) -> pd.DataFrame:
     row = {
-        "year": 2013, "month": 6, "day": 3, "dep_time": 605.0, "sched_dep_time": 600,
-        "dep_delay": 5.0, "arr_time": 845.0, "sched_arr_time": 830, "arr_delay": 15.0,
-        "carrier": "UA", "flight": 1545, "tailnum": "N14228", "origin": "EWR", "dest": "IAH",
-        "air_time": 227.0, "distance": 1400,
-    }  # fmt: skip
+        "year": 2013,
+        "month": 6,
+        "day": 3,
+        "dep_time": 605.0,
+        "sched_dep_time": 600,
+        "dep_delay": 5.0,
+        "arr_time": 845.0,
+        "sched_arr_time": 830,
+        "arr_delay": 15.0,
+        "carrier": "UA",
+        "flight": 1545,
+        "tailnum": "N14228",
+        "origin": "EWR",
+        "dest": "IAH",
+        "air_time": 227.0,
+        "distance": 1400,
+    }
     row.update(overrides)
     return pd.DataFrame([row])
 
@@ -36,22 +48,36 @@ def flights_frame(**overrides: object) -> pd.DataFrame:
 WEATHER = prepare_weather(
     pd.DataFrame(
         {
-            "origin": ["EWR", "EWR"], "year": [2013, 2013], "month": [6, 6], "day": [3, 3],
+            "origin": ["EWR", "EWR"],
+            "year": [2013, 2013],
+            "month": [6, 6],
+            "day": [3, 3],
             "hour": [6, 6],  # the source repeats some hours (DST); one must win
-            "temp": [70.0, 99.0], "dewp": [50.0, 50.0], "humid": [40.0, 40.0],
-            "wind_dir": [180.0, 180.0], "wind_speed": [10.0, 10.0], "wind_gust": [np.nan, np.nan],
-            "precip": [0.0, 0.0], "pressure": [1012.0, 1012.0], "visib": [10.0, 10.0],
+            "temp": [70.0, 99.0],
+            "dewp": [50.0, 50.0],
+            "humid": [40.0, 40.0],
+            "wind_dir": [180.0, 180.0],
+            "wind_speed": [10.0, 10.0],
+            "wind_gust": [np.nan, np.nan],
+            "precip": [0.0, 0.0],
+            "pressure": [1012.0, 1012.0],
+            "visib": [10.0, 10.0],
         }
     )
-)  # fmt: skip
+)
 PLANES = prepare_planes(
     pd.DataFrame(
         {
-            "tailnum": ["N14228"], "year": [1999.0], "type": ["Fixed wing multi engine"],
-            "manufacturer": ["BOEING"], "model": ["737"], "engines": [2], "seats": [149],
+            "tailnum": ["N14228"],
+            "year": [1999.0],
+            "type": ["Fixed wing multi engine"],
+            "manufacturer": ["BOEING"],
+            "model": ["737"],
+            "engines": [2],
+            "seats": [149],
         }
     )
-)  # fmt: skip
+)
 
 
 def test_features_join_weather_at_scheduled_hour_and_plane_by_tailnum() -> None:
@@ -97,8 +123,9 @@ def test_leakage_guard_names_the_leaked_columns() -> None:
 
 def test_serving_requests_without_label_columns_build_the_same_features() -> None:
     full = build_features(flights_frame(), WEATHER, PLANES)
-    request = flights_frame().drop(columns=["dep_time", "dep_delay", "arr_time", "arr_delay",
-                                            "air_time"])  # fmt: skip
+    request = flights_frame().drop(
+        columns=["dep_time", "dep_delay", "arr_time", "arr_delay", "air_time"]
+    )
     served = build_features(request, WEATHER, PLANES)
     assert LABEL not in served
     pd.testing.assert_frame_equal(full[list(FEATURE_COLUMNS)], served[list(FEATURE_COLUMNS)])

@@ -1,0 +1,69 @@
+"""Everything loads: flows import, prefect.yaml parses, entrypoints and parameters resolve."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOYMENTS = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+
+
+def resolve(entrypoint: str):  # type: ignore[no-untyped-def]
+    path, name = entrypoint.split(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return getattr(module, name)
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["name"])
+def test_entrypoint_is_a_flow_taking_the_declared_parameters(deployment: dict) -> None:
+    from prefect.flows import Flow
+
+    flow = resolve(deployment["entrypoint"])
+    assert isinstance(flow, Flow)
+    accepted = set(inspect.signature(flow.fn).parameters)
+    assert set(deployment.get("parameters", {})) <= accepted
+
+
+def test_training_deployment_is_declared_with_a_schedule() -> None:
+    training = [d for d in DEPLOYMENTS if d["entrypoint"].endswith(":training_pipeline")]
+    assert len(training) == 1
+    assert training[0]["concurrency_limit"] == 1
+    assert training[0]["schedules"][0]["cron"]
+
+
+def test_training_flow_runs_on_ray() -> None:
+    from prefect_ray import RayTaskRunner
+
+    from flows.training import training_pipeline
+
+    assert isinstance(training_pipeline.task_runner, RayTaskRunner)
+
+
+def test_importing_modules_starts_nothing(tmp_path: Path) -> None:
+    """In a fresh interpreter: importing every module starts no Ray and reaches no server."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, ray\n"
+        "for m in ('flows.training', 'tasks.ingest', 'tasks.validate', 'tasks.transform',\n"
+        "          'tasks.tune', 'tasks.register', 'tasks.gate', 'tasks.promote',\n"
+        "          'deployments.serve_app', 'mlops.cli'):\n"
+        "    importlib.import_module(m)\n"
+        "assert not ray.is_initialized(), 'ray started at import'\n"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",
+        "HOME": str(tmp_path),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

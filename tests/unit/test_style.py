@@ -1,0 +1,22 @@
+"""The code base stays lint-clean and formatted (ruff, configured in pyproject.toml)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RUFF = [sys.executable, "-m", "ruff"]
+
+
+def test_ruff_lint_passes() -> None:
+    done = subprocess.run([*RUFF, "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_ruff_format_is_clean() -> None:
+    done = subprocess.run(
+        [*RUFF, "format", "--check", "."], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
