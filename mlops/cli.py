@@ -58,21 +58,26 @@ def run(
     from mlops.settings import load_settings
 
     t0 = time.monotonic()
+    api = None
     try:
-        settings = prepare_process(load_settings())
+        settings = load_settings()
+        # Launch the local Prefect API first: it starts while the inputs are checked.
+        settings, api = prepare_process(settings)
         from tasks.ingest import parse_window, probe_source
 
         parse_window(start, end)
         probe_source(source, settings.storage_options)
-    except UserError as exc:
-        _fail(_one_line(exc), EXIT_USER)
-    except Exception as exc:  # settings that do not parse are user errors too
+    except Exception as exc:
+        if api is not None:
+            api.stop()
+        if isinstance(exc, UserError):
+            _fail(_one_line(exc), EXIT_USER)
         if debug:
             raise
-        _fail(f"configuration: {_one_line(exc)}", EXIT_USER)
+        _fail(f"configuration: {_one_line(exc)}", EXIT_USER)  # e.g. settings that do not parse
 
     typer.echo(f"mlops: state under {settings.home}; starting Ray and the Prefect API ...")
-    with runtime(settings) as rt:
+    with runtime(settings, api) as rt:
         typer.echo(
             f"mlops: Prefect API {rt.prefect_api_url} "
             f"({'local' if rt.owns_prefect else 'server'}), "

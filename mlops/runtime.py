@@ -13,10 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mlops.settings import Settings, load_settings
@@ -96,26 +99,111 @@ class Runtime:
     owns_prefect: bool
 
 
-def prepare_process(settings: Settings) -> Settings:
-    """Set the environment Prefect must see before it is imported; pick the local API's port.
+class LocalPrefectApi:
+    """One temporary Prefect API in a subprocess, run the way Prefect's own ephemeral mode runs it.
 
-    Without a configured ``PREFECT_API_URL``, one local API will be started by :func:`runtime`;
-    its URL is put in the environment now. Returns the settings as they now read.
+    It is launched without importing Prefect here, so its start-up (imports, database
+    migrations: about 10 s on 2 cores) overlaps everything the caller does meanwhile.
+    """
+
+    def __init__(self, api_url: str, log_path: Path) -> None:
+        self.api_url = api_url
+        self.port = int(api_url.rsplit(":", 1)[1].split("/")[0])
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def launch(self) -> LocalPrefectApi:
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1"}  # fmt: skip
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log_file:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        return self
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                raise RuntimeError(f"the local Prefect API exited: {' '.join(tail)}")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the local Prefect API did not answer within {timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+
+def prepare_process(
+    settings: Settings, launch_api: bool = True
+) -> tuple[Settings, LocalPrefectApi | None]:
+    """Set the environment Prefect must see before it is imported, and launch the local API.
+
+    Without a configured ``PREFECT_API_URL``, a local API is launched now (unless
+    ``launch_api`` is false, then :func:`runtime` launches it) and its URL put in the
+    environment. Returns the settings as they now read, and the launched API if any.
     """
     settings.home.mkdir(parents=True, exist_ok=True)
     for key, value in prefect_env(settings).items():
         os.environ.setdefault(key, value)
+    api = None
     if not settings.prefect_api_url:
-        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{free_port()}/api"
+        url = f"http://127.0.0.1:{free_port()}/api"
+        os.environ["PREFECT_API_URL"] = url
         os.environ["MLOPS_EMBEDDED_PREFECT"] = "1"
-    return load_settings()
+        if launch_api:
+            api = LocalPrefectApi(url, settings.prefect_home / "server.log").launch()
+    return load_settings(), api
+
+
+# Imported by the warm-up tasks so that the first stages do not pay for them one after another.
+WARM_MODULES = (
+    "prefect", "prefect_ray", "tasks.ingest", "tasks.validate", "tasks.transform", "tasks.tune",
+    "tasks.register", "tasks.gate", "tasks.promote", "great_expectations", "mlflow.xgboost",
+    "xgboost", "ray.data", "ray.tune",
+)  # fmt: skip
+
+
+def warm_worker(tracking_uri: str | None) -> None:
+    """Import the stages' heavy libraries in a Ray worker; optionally create the MLflow store."""
+    import importlib
+
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+    if tracking_uri:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
 @contextmanager
-def runtime(settings: Settings) -> Iterator[Runtime]:
+def runtime(settings: Settings, api: LocalPrefectApi | None = None) -> Iterator[Runtime]:
     """Start what the settings do not point at (Ray, a Prefect API), overlapping their start-up.
 
-    Call :func:`prepare_process` first, before anything imports Prefect.
+    Call :func:`prepare_process` first, before anything imports Prefect. With an embedded Ray,
+    one warm-up task per CPU imports the stages' libraries in the workers that will run them
+    (and creates a fresh SQLite MLflow store) while the Prefect API starts.
     """
     import ray
 
@@ -123,52 +211,38 @@ def runtime(settings: Settings) -> Iterator[Runtime]:
     api_url = settings.prefect_api_url
     if not api_url:
         raise RuntimeError("prepare_process() must run before runtime()")
-    server = None
-    errors: list[BaseException] = []
-
-    def start_prefect() -> None:
-        nonlocal server
-        try:
-            from prefect.server.api.server import SubprocessASGIServer
-
-            server = SubprocessASGIServer(port=int(api_url.rsplit(":", 1)[1].split("/")[0]))
-            server.start(timeout=120)
-        except BaseException as exc:
-            errors.append(exc)
-
-    def open_tracking_store() -> None:
-        # Creating a fresh SQLite store runs MLflow's migrations (seconds): do it while Ray starts.
-        try:
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(settings.mlflow_tracking_uri).search_experiments(max_results=1)
-        except Exception as exc:  # the stage that needs MLflow reports it properly
-            log.warning("MLflow tracking store not ready yet: %s", exc)
-
-    thread = threading.Thread(target=start_prefect, name="prefect-api", daemon=True)
-    if owns_prefect:
-        thread.start()
-    mlflow_thread = threading.Thread(target=open_tracking_store, name="mlflow", daemon=True)
-    if settings.mlflow_tracking_uri.startswith("sqlite:"):
-        mlflow_thread.start()
+    if owns_prefect and api is None:
+        api = LocalPrefectApi(api_url, settings.prefect_home / "server.log").launch()
     owns_ray = not ray.is_initialized()
+    ready = False
     try:
         if owns_ray:
             kwargs = ray_init_kwargs(settings, api_url)
             ray.init(kwargs.pop("address", None), **kwargs)
-        if mlflow_thread.is_alive():
-            mlflow_thread.join()
-        if owns_prefect:
-            thread.join()
-            if errors:
-                raise RuntimeError(f"could not start the local Prefect API: {errors[0]}")
+        warming = []
+        if owns_ray and not settings.ray_address:
+            sqlite = settings.mlflow_tracking_uri.startswith("sqlite:")
+            cpus = max(1, min(2, int(ray.cluster_resources().get("CPU", 1))))
+            remote = ray.remote(num_cpus=1, max_retries=0)(warm_worker)
+            warming = [
+                remote.remote(settings.mlflow_tracking_uri if sqlite and i == 0 else None)
+                for i in range(cpus)
+            ]
+        if api is not None:
+            api.wait_ready()
+        for ref in warming:
+            try:
+                ray.get(ref, timeout=180)
+            except Exception as exc:  # warming is an optimisation; the stages report real errors
+                log.warning("worker warm-up failed: %s", exc)
+        ready = True
         yield Runtime(settings, api_url, owns_ray, owns_prefect)
     finally:
-        if owns_prefect and not errors:
+        if owns_prefect and ready:
             from mlops.task_runner import drain_prefect_logs
 
             drain_prefect_logs()  # before the local API goes away
         if owns_ray and ray.is_initialized():
             ray.shutdown()
-        if server is not None:
-            server.stop()
+        if api is not None:
+            api.stop()

@@ -43,4 +43,4 @@ from mlops.runtime import free_port, prepare_process  # noqa: E402
 from mlops.settings import load_settings  # noqa: E402
 
 os.environ["MLOPS_SERVE_PORT"] = str(free_port())
-prepare_process(load_settings())  # sets PREFECT_HOME and the local PREFECT_API_URL
+prepare_process(load_settings(), launch_api=False)  # PREFECT_HOME, the local PREFECT_API_URL
