@@ -154,7 +154,9 @@ class Storage:
             os.makedirs(posixpath.dirname(self.path(final_rel)), exist_ok=True)
             os.replace(self.path(tmp_rel), self.path(final_rel))
         else:
-            self._fs.mv(self.path(tmp_rel), self.path(final_rel), recursive=True)
+            src_root = self.path(tmp_rel)
+            for src in self._fs.find(src_root):  # object stores have no directories to move
+                self._fs.copy(src, self.path(final_rel, posixpath.relpath(src, src_root)))
             self.delete(tmp_rel)
         self.write_json(posixpath.join(final_rel, SUCCESS_MARKER), manifest)
 

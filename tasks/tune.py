@@ -145,21 +145,21 @@ def train_trial(
         )
 
 
-def gpus_per_trial(budget: TuneBudget) -> float:
-    import ray
-
-    return 1.0 if budget.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+def gpus_per_trial(budget: TuneBudget, cluster_gpus: float) -> float:
+    """One GPU per trial when the cluster declares any (and the budget allows), else none."""
+    return 1.0 if budget.use_gpu and cluster_gpus >= 1 else 0.0
 
 
 def run_search(storage: Storage, features: FeatureSet, budget: TuneBudget) -> tuple[Any, float]:
     """Run the Tune experiment; returns (ResultGrid, gpus per trial)."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from tasks.transform import read_split
 
-    gpus = gpus_per_trial(budget)
+    gpus = gpus_per_trial(budget, ray.cluster_resources().get("GPU", 0))
     train = read_split(storage, features, "train")
     valid = read_split(storage, features, "valid")
     trainable = tune.with_resources(

@@ -267,3 +267,45 @@ def test_too_much_quarantine_stops_before_training(platform: Runtime, tmp_path: 
     }
     assert stages["validate_partitions"] == "FAILED"
     assert "tune_hyperparameters" not in stages or stages["tune_hyperparameters"] != "COMPLETED"
+
+
+def test_same_flow_on_an_s3_lake_switches_the_live_champion(
+    first_run: PipelineSummary, s3_source: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only configuration changes: the whole lake (raw, features, Tune results) lives on S3.
+
+    A negative margin forces promotion, so the blue-green path (candidate beside the live
+    champion, then the switch) runs against the live application.
+    """
+    import s3fs
+    from mlflow.tracking import MlflowClient
+
+    from flows.training import training_pipeline
+    from mlops.registry import PREVIOUS_CHAMPION
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("lake-bucket")
+    monkeypatch.setenv("MLOPS_STORAGE_ROOT", "s3://lake-bucket/flights")
+    s = training_pipeline(start=START, end=END, source=s3_source, promotion_margin=-1.0, **SMALL)
+    assert s.ingest.raw_uri == "s3://lake-bucket/flights/raw"
+    assert fs.exists(f"lake-bucket/flights/raw/flights/date={START}/data.parquet")
+    assert s.features.uri.startswith("s3://lake-bucket/flights/features/")
+    assert fs.exists(s.features.uri.removeprefix("s3://") + "/_SUCCESS")
+    assert not fs.exists("lake-bucket/flights/features/_tmp") or not fs.ls(
+        "lake-bucket/flights/features/_tmp"
+    )
+    assert s.model.version != first_run.model.version
+    assert s.decision.promote and s.serving.model_version == s.model.version
+
+    settings = load_settings()
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    name = settings.model_name
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == s.model.version
+    assert str(client.get_model_version_by_alias(name, PREVIOUS_CHAMPION).version) == (
+        first_run.model.version
+    )
+    health = httpx.get(f"{settings.serve_url}/healthz", timeout=30).json()
+    assert health["version"] == s.model.version
+    from ray import serve
+
+    assert f"{settings.serve_app_name}-candidate" not in serve.status().applications
