@@ -11,7 +11,7 @@ from mlops.settings import load_settings
 from mlops.task_runner import MlopsRayTaskRunner
 from tasks.gate import GatePolicy, evaluate_challenger
 from tasks.ingest import BUNDLED_SOURCE, ingest_partitions
-from tasks.promote import promote_model
+from tasks.promote import promote_model, start_serving
 from tasks.register import register_model
 from tasks.transform import TransformConfig, build_feature_set
 from tasks.tune import TuneBudget, tune_hyperparameters
@@ -35,6 +35,8 @@ def training_pipeline(
     """Train, validate, register and (if it wins the gate) serve a flight-delay model."""
     settings = load_settings()
     cached = {"refresh_cache": True} if refresh_cache else {}
+    with remote_options(num_cpus=0):
+        serve_up = start_serving.submit(settings)  # overlaps Serve's start-up with training
 
     ingest = ingest_partitions.with_options(**cached).submit(settings, source, start, end)
     report = validate_partitions.with_options(**cached).submit(
@@ -67,7 +69,7 @@ def training_pipeline(
         settings, model, features, GatePolicy(margin=promotion_margin)
     )
     with remote_options(num_cpus=0):
-        serving = promote_model.submit(settings, decision, model, features)
+        serving = promote_model.submit(settings, decision, model, features, wait_for=[serve_up])
 
     return PipelineSummary(
         ingest=ingest.result(),

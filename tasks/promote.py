@@ -121,6 +121,14 @@ def check_endpoint(
     return body
 
 
+def ensure_serve(settings: Settings) -> str:
+    """Start Ray Serve's controller and HTTP proxy if they are not running; returns the URL."""
+    from ray import serve
+
+    serve.start(http_options={"host": settings.serve_host, "port": settings.serve_port})
+    return settings.serve_url
+
+
 def deploy(app: Any, name: str, route: str) -> None:
     """Deploy and wait until the application is RUNNING (raises if it fails to start)."""
     from ray import serve
@@ -134,12 +142,11 @@ def promote(
     model: RegisteredModel,
     features: FeatureSet,
 ) -> ServingResult:
-    from ray import serve
 
     from deployments.serve_app import ModelConfig, build_app
 
     registry = ModelRegistry(settings)
-    serve.start(http_options={"host": settings.serve_host, "port": settings.serve_port})
+    ensure_serve(settings)
     requests = smoke_flights(settings.storage_root, settings.storage_options, features)
 
     def config_for(version: str) -> ModelConfig:
@@ -258,6 +265,12 @@ def _delete_quietly(app_name: str) -> None:
         serve.delete(app_name)
     except Exception:
         pass
+
+
+@stage("start_serving")
+def start_serving(settings: Settings) -> str:
+    """Prefect wrapper: bring Serve up early, so its start-up overlaps the training stages."""
+    return ensure_serve(settings)
 
 
 @stage("promote_model", retries=0)

@@ -173,6 +173,7 @@ def test_prefect_api_has_the_runs_artifacts_and_worker_logs(first_run: PipelineS
         "register_model",
         "evaluate_challenger",
         "promote_model",
+        "start_serving",
     }
     assert all(r.state.is_completed() for r in runs)
     with prefect_client() as client:
