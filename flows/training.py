@@ -30,6 +30,8 @@ def training_pipeline(
     max_quarantine_share: float = 0.05,
     min_rows_per_partition: int = 100,
     promotion_margin: float = 0.0,
+    promotion_strategy: str = "blue_green",
+    canary_share: float = 0.1,
     refresh_cache: bool = False,
 ) -> PipelineSummary:
     """Train, validate, register and (if it wins the gate) serve a flight-delay model."""
@@ -69,7 +71,15 @@ def training_pipeline(
         settings, model, features, GatePolicy(margin=promotion_margin)
     )
     with remote_options(num_cpus=0):
-        serving = promote_model.submit(settings, decision, model, features, wait_for=[serve_up])
+        serving = promote_model.submit(
+            settings,
+            decision,
+            model,
+            features,
+            promotion_strategy,
+            canary_share,
+            wait_for=[serve_up],
+        )
 
     return PipelineSummary(
         ingest=ingest.result(),

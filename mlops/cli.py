@@ -48,6 +48,8 @@ def run(
     ),
     min_rows_per_partition: int = typer.Option(100, min=0, help="Row-count floor per day."),
     margin: float = typer.Option(0.0, help="AUC margin a challenger must beat the champion by."),
+    strategy: str = typer.Option("blue_green", help="Promotion: 'blue_green' or 'canary'."),
+    canary_share: float = typer.Option(0.1, min=0.01, max=0.99, help="Canary traffic share."),
     refresh: bool = typer.Option(False, "--refresh", help="Ignore cached stage results."),
     summary_json: Path | None = typer.Option(None, help="Also write the summary here as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -97,6 +99,8 @@ def run(
             max_quarantine_share=max_quarantine_share,
             min_rows_per_partition=min_rows_per_partition,
             promotion_margin=margin,
+            promotion_strategy=strategy,
+            canary_share=canary_share,
             refresh_cache=refresh,
             return_state=True,
         )
@@ -115,6 +119,93 @@ def run(
                 summary_json.write_text(json.dumps(payload, indent=2, default=str))
             return
     _report_failure(result, debug)
+
+
+def _connect_ray(settings: Any, address: str | None) -> None:
+    import ray
+
+    from mlops.runtime import ray_init_kwargs
+
+    kwargs = ray_init_kwargs(settings, None)
+    kwargs.pop("address", None)
+    if address:
+        kwargs.pop("include_dashboard", None)
+        kwargs.pop("num_cpus", None)
+    ray.init(address, **kwargs)
+
+
+def _serving_command(action: str) -> Any:
+    """Run a serving action against the running cluster; user errors print one line."""
+    from mlops.serving_state import ServingStateError
+    from mlops.settings import load_settings
+
+    settings = load_settings()
+    try:
+        _connect_ray(settings, settings.ray_address or "auto")
+    except Exception as exc:
+        _fail(f"no running Ray cluster with the serving application: {_one_line(exc)}", EXIT_USER)
+    from tasks import promote
+
+    try:
+        if action == "rollback":
+            state = promote.rollback_serving(settings)
+        else:
+            state = promote.finish_canary_serving(settings, promote_it=action == "promote")
+    except ServingStateError as exc:
+        _fail(_one_line(exc), EXIT_USER)
+    v = state.primary_model.version
+    typer.echo(
+        f"{action}: {settings.serve_url}/predict now serves version {v} (slot {state.primary})"
+    )
+    return state
+
+
+@app.command()
+def serve(
+    foreground: bool | None = typer.Option(
+        None, help="Keep running until Ctrl-C (default: when no RAY_ADDRESS is set)."
+    ),
+) -> None:
+    """Start or update the champion application on Ray Serve and print its URL."""
+    import ray
+
+    from mlops.settings import load_settings
+
+    settings = load_settings()
+    try:
+        _connect_ray(settings, settings.ray_address)
+        from tasks.promote import serve_champion
+
+        state = serve_champion(settings)
+    except Exception as exc:
+        if ray.is_initialized():
+            ray.shutdown()
+        _fail(_one_line(exc), EXIT_USER)
+    typer.echo(
+        f"serving {settings.model_name} version {state.primary_model.version} at "
+        f"{settings.serve_url}/predict (health {settings.serve_url}/healthz)"
+    )
+    if foreground if foreground is not None else not settings.ray_address:
+        typer.echo("embedded Ray: serving until Ctrl-C")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            ray.shutdown()
+
+
+@app.command()
+def rollback() -> None:
+    """Put the previous champion back: traffic and the champion alias, in one step."""
+    _serving_command("rollback")
+
+
+@app.command()
+def canary(action: str = typer.Argument(..., help="'promote' or 'abort'")) -> None:
+    """Finish a running canary: promote it to champion, or abort it."""
+    if action not in ("promote", "abort"):
+        _fail(f"canary action must be 'promote' or 'abort', not {action!r}", EXIT_USER)
+    _serving_command(action)
 
 
 def _report_failure(result: Any, debug: bool) -> None:

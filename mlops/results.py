@@ -41,6 +41,7 @@ class ValidationReport:
     expectations: tuple[dict[str, Any], ...]
     report_uri: str
     fingerprint: str
+    carriers: tuple[str, ...] = ()
 
     @property
     def accepted_dates(self) -> tuple[str, ...]:

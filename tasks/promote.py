@@ -1,14 +1,19 @@
 """Promote: put the gate's winner on Ray Serve, health-check it, then move the ``champion`` alias.
 
-A promoted challenger is first deployed as a separate candidate application on its own route. Only
-when it answers ``/healthz`` and its predictions on a smoke set of real flights match what the
-registry model gives offline is the live application switched to it and the alias moved. A failed
-candidate is removed: the previous champion keeps serving and the alias stays where it was.
+The application has two model slots behind a router (``deployments/serve_app.py``). Blue-green
+(the default): the challenger is loaded into the standby slot beside the live champion, checked
+over HTTP (``/healthz`` and a smoke set of real flights whose predictions must match the registry
+model offline), then traffic switches and the alias moves. The previous champion stays warm in the
+other slot for an instant rollback. Canary: a share of traffic goes to the standby slot until the
+canary is promoted or aborted. A challenger that fails to load, check or answer never gets
+traffic: the previous state is put back and the alias stays where it was.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -17,10 +22,25 @@ import pandas as pd
 from mlops.errors import PromotionFailed
 from mlops.registry import CHAMPION, PREVIOUS_CHAMPION, ModelRegistry
 from mlops.results import FeatureSet, PromotionDecision, RegisteredModel, ServingResult
+from mlops.serving_state import (
+    STATE_PATH,
+    ServingState,
+    ServingStateError,
+    SlotModel,
+    finish_canary,
+    initial,
+    rollback,
+    stage_on_standby,
+    start_canary,
+    switch,
+)
 from mlops.settings import Settings
+from mlops.storage import Storage
 from tasks.common import stage
 
 SMOKE_TOLERANCE = 1e-5
+STRATEGIES = ("blue_green", "canary")
+log = logging.getLogger(__name__)
 
 
 def smoke_flights(
@@ -82,14 +102,9 @@ def offline_predictions(
     return booster.predict(xgb.DMatrix(feats.loc[:, list(FEATURE_COLUMNS)]))
 
 
-def check_endpoint(
-    base_url: str,
-    requests: list[dict[str, Any]],
-    expected: np.ndarray,
-    version: str,
-    timeout_s: float = 60.0,
-) -> dict[str, Any]:
-    """Health-check over HTTP and compare smoke predictions; raises PromotionFailed."""
+def check_slot(base_url: str, slot: str, requests: list[dict[str, Any]], expected: np.ndarray,
+               version: str, timeout_s: float = 120.0) -> dict[str, Any]:  # fmt: skip
+    """Health-check one slot over HTTP and compare its smoke predictions; raises PromotionFailed."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -97,18 +112,18 @@ def check_endpoint(
     with httpx.Client(timeout=30.0) as client:
         while time.monotonic() < deadline:
             try:
-                health = client.get(f"{base_url}/healthz")
+                health = client.get(f"{base_url}/slots/{slot}/healthz")
                 if health.status_code == 200 and health.json().get("version") == version:
                     break
-                last = f"/healthz answered {health.status_code}"
+                last = f"/healthz answered {health.status_code}: {health.text[:200]}"
             except httpx.HTTPError as exc:
                 last = f"/healthz unreachable: {exc}"
             time.sleep(0.5)
         else:
-            raise PromotionFailed(f"health check failed at {base_url}: {last}")
-        resp = client.post(f"{base_url}/predict", json=requests)
+            raise PromotionFailed(f"health check of slot {slot} failed: {last}")
+        resp = client.post(f"{base_url}/slots/{slot}/predict", json=requests)
     if resp.status_code != 200:
-        raise PromotionFailed(f"smoke requests failed at {base_url}: HTTP {resp.status_code}")
+        raise PromotionFailed(f"smoke requests to slot {slot} failed: HTTP {resp.status_code}")
     body = resp.json()
     got = np.array([p["probability_late"] for p in body["predictions"]])
     if body.get("version") != version or got.shape != expected.shape:
@@ -121,6 +136,17 @@ def check_endpoint(
     return body
 
 
+def live_version(base_url: str) -> str | None:
+    """The version the live application's primary slot serves, or None when nothing answers."""
+    import httpx
+
+    try:
+        resp = httpx.get(f"{base_url}/version", timeout=5.0)
+        return resp.json().get("version") if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def ensure_serve(settings: Settings) -> str:
     """Start Ray Serve's controller and HTTP proxy if they are not running; returns the URL."""
     from ray import serve
@@ -129,11 +155,67 @@ def ensure_serve(settings: Settings) -> str:
     return settings.serve_url
 
 
-def deploy(app: Any, name: str, route: str) -> None:
-    """Deploy and wait until the application is RUNNING (raises if it fails to start)."""
+def load_state(settings: Settings) -> ServingState | None:
+    storage = Storage(settings.storage_root, settings.storage_options)
+    return (
+        ServingState.from_dict(storage.read_json(STATE_PATH))
+        if storage.exists(STATE_PATH)
+        else None
+    )
+
+
+def save_state(settings: Settings, state: ServingState) -> None:
+    Storage(settings.storage_root, settings.storage_options).write_json(STATE_PATH, state.to_dict())
+
+
+def model_config(settings: Settings, slot: SlotModel, use_gpu: bool) -> Any:
+    from deployments.serve_app import ModelConfig
+
+    return ModelConfig(
+        tracking_uri=settings.mlflow_tracking_uri,
+        model_name=settings.model_name,
+        version=slot.version,
+        run_id=slot.run_id,
+        dims_uri=slot.dims_uri,
+        storage_root=settings.storage_root,
+        storage_options=settings.storage_options,
+        promoted_at=slot.promoted_at,
+        use_gpu=use_gpu,
+    )
+
+
+def app_from_state(settings: Settings, state: ServingState) -> Any:
+    """The Serve application for a state; model replicas take a GPU when the cluster has one."""
+    import ray
+
+    from deployments.serve_app import build_app
+
+    use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+    slots = {name: model_config(settings, m, use_gpu) for name, m in state.slots.items()}
+    return build_app(slots, state.router_config())
+
+
+def deploy_state(settings: Settings, state: ServingState) -> None:
+    """Apply a state; unchanged slots are untouched and a traffic change restarts nothing."""
     from ray import serve
 
-    serve.run(app, name=name, route_prefix=route, blocking=False)
+    serve.run(app_from_state(settings, state), name=settings.serve_app_name, route_prefix="/",
+              blocking=False)  # fmt: skip
+
+
+def slot_model_for(settings: Settings, registry: ModelRegistry, version: str, dims_uri: str
+                   ) -> SlotModel:  # fmt: skip
+    run_id = registry.client.get_model_version(settings.model_name, version).run_id
+    return SlotModel(version=version, run_id=run_id, dims_uri=dims_uri,
+                     promoted_at=datetime.now(UTC).isoformat())  # fmt: skip
+
+
+def move_champion(registry: ModelRegistry, version: str) -> str | None:
+    previous = registry.alias_version(CHAMPION)
+    if previous is not None and previous != version:
+        registry.set_alias(PREVIOUS_CHAMPION, previous)
+    registry.set_alias(CHAMPION, version)
+    return previous
 
 
 def promote(
@@ -141,105 +223,97 @@ def promote(
     decision: PromotionDecision,
     model: RegisteredModel,
     features: FeatureSet,
+    strategy: str = "blue_green",
+    canary_share: float = 0.1,
 ) -> ServingResult:
-
-    from deployments.serve_app import ModelConfig, build_app
-
+    """Deploy the gate's winner (blue-green or canary), or keep the champion serving."""
+    if strategy not in STRATEGIES:
+        raise PromotionFailed(
+            f"unknown promotion strategy {strategy!r} (use {', '.join(STRATEGIES)})"
+        )
     registry = ModelRegistry(settings)
     ensure_serve(settings)
+    url = settings.serve_url
     requests = smoke_flights(settings.storage_root, settings.storage_options, features)
-
-    def config_for(version: str) -> ModelConfig:
-        run_id = registry.client.get_model_version(settings.model_name, version).run_id
-        return ModelConfig(
-            tracking_uri=settings.mlflow_tracking_uri,
-            model_name=settings.model_name,
-            version=version,
-            run_id=run_id,
-            dims_uri=features.dims_uri,
-            storage_options=settings.storage_options,
-        )
-
-    live_url = settings.serve_url
-    serving = _serving_version(live_url)
+    state = load_state(settings)
+    live = live_version(url)
+    if state is None and live is not None:
+        # A live application whose state was not saved here (e.g. a new storage root): adopt it.
+        state = initial(slot_model_for(settings, registry, live, features.dims_uri))
     if decision.promote:
         version = model.version
         try:
-            expected = offline_predictions(
-                registry, version, features, requests, settings.storage_options
-            )
+            expected = offline_predictions(registry, version, features, requests,
+                                           settings.storage_options)  # fmt: skip
         except Exception as exc:
             raise PromotionFailed(
                 f"version {version} not promoted: it failed to load from the registry: "
                 f"{_one_line(exc)}"
             ) from None
-        if serving is None:
-            # Nothing is live to protect: deploy straight to the live route and check it there.
-            body = _deploy_checked(
-                build_app(config_for(version)),
-                settings.serve_app_name,
-                "/",
-                live_url,
-                requests,
-                expected,
-                version,
-            )
+        new = slot_model_for(settings, registry, version, features.dims_uri)
+        if live is None:
+            # Nothing is live to protect: deploy the whole state, then check it.
+            final = switch(stage_on_standby(state, new)) if state else initial(new)
+            _apply_checked(settings, final, None, final.primary, requests, expected, version)
         else:
-            # Blue-green: the candidate proves itself on its own route before the switch.
-            candidate = f"{settings.serve_app_name}-candidate"
-            _deploy_checked(
-                build_app(config_for(version)),
-                candidate,
-                "/candidate",
-                f"{live_url}/candidate",
-                requests,
-                expected,
-                version,
+            staged = stage_on_standby(state, new)
+            _apply_checked(settings, staged, state, staged.standby, requests, expected, version)
+            final = start_canary(staged, canary_share) if strategy == "canary" else switch(staged)
+            deploy_state(settings, final)
+        save_state(settings, final)
+        if final.canary:
+            detail = f"version {version} is canary on {canary_share:.0%} of traffic; alias unmoved"
+            moved = False
+        else:
+            previous = move_champion(registry, version)
+            detail = (
+                f"version {version} promoted ({strategy}); previous champion {previous or 'none'}"
             )
-            deploy(build_app(config_for(version)), settings.serve_app_name, "/")
-            body = check_endpoint(live_url, requests, expected, version)
-            _delete_quietly(candidate)
-        previous = registry.alias_version(CHAMPION)
-        if previous is not None:
-            registry.set_alias(PREVIOUS_CHAMPION, previous)
-        registry.set_alias(CHAMPION, version)
-        detail = f"version {version} promoted; previous champion {previous or 'none'}"
+            moved = True
     else:
         version = decision.champion_version or model.version
-        expected = offline_predictions(
-            registry, version, features, requests, settings.storage_options
-        )
-        if serving != version:
-            deploy(build_app(config_for(version)), settings.serve_app_name, "/")
-        body = check_endpoint(live_url, requests, expected, version)
+        expected = offline_predictions(registry, version, features, requests,
+                                       settings.storage_options)  # fmt: skip
+        if state is None or state.primary_model.version != version:
+            state = initial(slot_model_for(settings, registry, version, features.dims_uri))
+        if live != version:
+            _apply_checked(settings, state, None, state.primary, requests, expected, version)
+        save_state(settings, state)
+        final, moved = state, False
         detail = f"champion version {version} kept serving; challenger {model.version} not promoted"
+    body = check_slot(url, final.primary, requests[:1], expected[:1], final.primary_model.version)
     return ServingResult(
-        url=f"{live_url}/predict",
+        url=f"{url}/predict",
         app_name=settings.serve_app_name,
-        model_version=version,
-        promoted=decision.promote,
-        alias_moved=decision.promote,
+        model_version=final.primary_model.version,
+        promoted=decision.promote and not final.canary,
+        alias_moved=moved,
         sample_request=requests[0],
         sample_prediction={"version": body["version"], **body["predictions"][0]},
         detail=detail,
     )
 
 
-def _deploy_checked(
-    app: Any,
-    name: str,
-    route: str,
-    url: str,
-    requests: list[dict[str, Any]],
-    expected: np.ndarray,
-    version: str,
-) -> dict[str, Any]:
-    """Deploy and health/smoke-check; on any failure remove the app and raise PromotionFailed."""
+def _apply_checked(settings: Settings, state: ServingState, previous: ServingState | None,
+                   slot: str, requests: list[dict[str, Any]], expected: np.ndarray,
+                   version: str) -> None:  # fmt: skip
+    """Deploy a state and check one slot; on failure put the previous state back and raise."""
+    from ray import serve
+
     try:
-        deploy(app, name, route)
-        return check_endpoint(url, requests, expected, version)
+        deploy_state(settings, state)
+        check_slot(settings.serve_url, slot, requests, expected, version)
     except Exception as exc:
-        _delete_quietly(name)
+        if previous is not None:
+            try:
+                deploy_state(settings, previous)
+            except Exception as restore_exc:
+                log.error("could not restore the previous serving state: %s", restore_exc)
+        else:
+            try:
+                serve.delete(settings.serve_app_name)
+            except Exception as delete_exc:
+                log.error("could not remove the failed application: %s", delete_exc)
         reason = exc if isinstance(exc, PromotionFailed) else f"failed to deploy: {_one_line(exc)}"
         raise PromotionFailed(f"version {version} not promoted: {reason}") from None
 
@@ -248,23 +322,56 @@ def _one_line(exc: BaseException) -> str:
     return (str(exc).strip() or type(exc).__name__).splitlines()[0]
 
 
-def _serving_version(base_url: str) -> str | None:
-    import httpx
+def serve_champion(settings: Settings) -> ServingState:
+    """Deploy the saved serving state, or the champion alias when there is none; check it."""
+    registry = ModelRegistry(settings)
+    ensure_serve(settings)
+    state = load_state(settings)
+    champion = registry.alias_version(CHAMPION)
+    if champion is None:
+        raise ServingStateError(f"no {CHAMPION} version of {settings.model_name} is registered")
+    if state is None or state.primary_model.version != champion:
+        features_uri = registry.version_tags(champion).get("features_uri", "")
+        snapshot = features_uri.rstrip("/").rsplit("/", 1)[-1]
+        dims = Storage(settings.storage_root, settings.storage_options).uri(
+            "curated", "dims", snapshot
+        )
+        state = initial(slot_model_for(settings, registry, champion, dims))
+    deploy_state(settings, state)
+    deadline = time.monotonic() + 120
+    while live_version(settings.serve_url) != state.primary_model.version:
+        if time.monotonic() > deadline:
+            raise ServingStateError(f"the application at {settings.serve_url} did not come up")
+        time.sleep(0.5)
+    save_state(settings, state)
+    return state
 
-    try:
-        resp = httpx.get(f"{base_url}/healthz", timeout=5.0)
-        return resp.json().get("version") if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
-        return None
+
+def rollback_serving(settings: Settings) -> ServingState:
+    """Put the previous champion back in front: traffic and alias, in one step."""
+    state = load_state(settings)
+    if state is None:
+        raise ServingStateError("nothing has been served yet")
+    if live_version(settings.serve_url) is None:
+        raise ServingStateError(f"no serving application answers at {settings.serve_url}")
+    back = rollback(state)
+    deploy_state(settings, back)
+    save_state(settings, back)
+    move_champion(ModelRegistry(settings), back.primary_model.version)
+    return back
 
 
-def _delete_quietly(app_name: str) -> None:
-    from ray import serve
-
-    try:
-        serve.delete(app_name)
-    except Exception:
-        pass
+def finish_canary_serving(settings: Settings, promote_it: bool) -> ServingState:
+    """End a canary: promote it (switch traffic, move the alias) or abort it."""
+    state = load_state(settings)
+    if state is None:
+        raise ServingStateError("nothing has been served yet")
+    done = finish_canary(state, promote_it)
+    deploy_state(settings, done)
+    save_state(settings, done)
+    if promote_it:
+        move_champion(ModelRegistry(settings), done.primary_model.version)
+    return done
 
 
 @stage("start_serving")
@@ -279,10 +386,12 @@ def promote_model(
     decision: PromotionDecision,
     model: RegisteredModel,
     features: FeatureSet,
+    strategy: str = "blue_green",
+    canary_share: float = 0.1,
 ) -> ServingResult:
     """Prefect wrapper: deploy and switch, or keep the champion serving; never retried blindly."""
     from prefect import get_run_logger
 
-    result = promote(settings, decision, model, features)
+    result = promote(settings, decision, model, features, strategy, canary_share)
     get_run_logger().info("%s; serving at %s", result.detail, result.url)
     return result

@@ -117,6 +117,7 @@ def build_feature_snapshot(
         posixpath.join(dims_rel, "weather.parquet"),
         pa.Table.from_pandas(weather, preserve_index=False),
     )
+    storage.write_json(posixpath.join(dims_rel, "carriers.json"), list(report.carriers))
     storage.write_parquet(
         posixpath.join(dims_rel, "planes.parquet"),
         pa.Table.from_pandas(planes, preserve_index=False),

@@ -272,6 +272,7 @@ def validate_window(
         partitions=checks,
         expectations=summarize_expectations(row_result, count_result),
         report_uri=storage.uri(report_rel),
+        carriers=tuple(sorted(combined["carrier"].dropna().astype(str).unique())) if frames else (),
         fingerprint=fingerprint(ingest.fingerprint, [(c.date, c.passed) for c in checks], cfg),
     )
     storage.write_json(report_rel, report.to_dict())

@@ -232,11 +232,12 @@ def test_failed_challenger_never_gets_traffic_or_the_alias(first_run: PipelineSu
     assert str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version) == (
         first_run.model.version
     )
-    live = httpx.get(f"{settings.serve_url}/healthz", timeout=30)
-    assert live.json()["version"] == first_run.model.version
-    from ray import serve
+    live = httpx.get(f"{settings.serve_url}/version", timeout=30).json()
+    assert live["version"] == first_run.model.version
+    from tasks.promote import load_state
 
-    assert f"{settings.serve_app_name}-candidate" not in serve.status().applications
+    state = load_state(settings)
+    assert {m.version for m in state.slots.values()} == {first_run.model.version}
 
 
 def test_too_much_quarantine_stops_before_training(platform: Runtime, tmp_path: Path) -> None:
@@ -307,6 +308,8 @@ def test_same_flow_on_an_s3_lake_switches_the_live_champion(
     )
     health = httpx.get(f"{settings.serve_url}/healthz", timeout=30).json()
     assert health["version"] == s.model.version
-    from ray import serve
+    from tasks.promote import load_state
 
-    assert f"{settings.serve_app_name}-candidate" not in serve.status().applications
+    state = load_state(settings)  # the previous champion stays warm in the other slot
+    assert state.primary_model.version == s.model.version
+    assert state.slots[state.standby].version == first_run.model.version
