@@ -270,6 +270,7 @@ class Router:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
+        await self.slots[self.primary].check_health.remote()  # the replica's own health check
         info = await self._slot_info(self.primary)
         return {"status": "ok", "model": info["model_name"], "version": info["version"],
                 "slot": self.primary}  # fmt: skip
@@ -279,6 +280,7 @@ class Router:
         if slot not in self.slots:
             return JSONResponse({"detail": f"unknown slot {slot!r}"}, status_code=404)
         self._info.pop(slot, None)  # a re-deployed slot may hold a new version
+        await self.slots[slot].check_health.remote()
         info = await self._slot_info(slot)
         return JSONResponse({"status": "ok", "version": info["version"], "slot": slot})
 

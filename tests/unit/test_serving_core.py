@@ -1,0 +1,95 @@
+"""Serving cores: request validation, the serving-state transitions, the inference log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from deployments.serve_app import validate_request
+from mlops.inference_log import InferenceLog
+from mlops.serving_state import (
+    ServingStateError,
+    SlotModel,
+    finish_canary,
+    initial,
+    rollback,
+    stage_on_standby,
+    start_canary,
+    switch,
+)
+
+FLIGHT = {"year": 2013, "month": 6, "day": 3, "sched_dep_time": 600, "sched_arr_time": 830,
+          "carrier": "UA", "flight": 1545, "tailnum": "N14228", "origin": "EWR", "dest": "IAH",
+          "distance": 1400}  # fmt: skip
+V1, V2 = SlotModel("1", "r1", "dims"), SlotModel("2", "r2", "dims")
+
+
+def test_valid_requests_one_or_many() -> None:
+    assert validate_request(FLIGHT, frozenset({"UA"}), 10) == (200, [FLIGHT])
+    status, rows = validate_request([FLIGHT, FLIGHT], None, 10)
+    assert status == 200 and len(rows) == 2
+    assert validate_request([], None, 10) == (200, [])
+
+
+def test_invalid_requests_name_row_and_field() -> None:
+    status, detail = validate_request([FLIGHT, {**FLIGHT, "distance": -3}], None, 10)
+    assert status == 422 and detail[0]["loc"][-2:] == [1, "distance"]
+    status, detail = validate_request([FLIGHT, {**FLIGHT, "carrier": "ZZ"}], frozenset({"UA"}), 10)
+    assert status == 422 and detail == [
+        {"loc": [1, "carrier"], "msg": "unknown carrier code 'ZZ'", "type": "value"}
+    ]
+    assert validate_request([FLIGHT] * 11, None, 10)[0] == 413
+
+
+def test_blue_green_then_rollback() -> None:
+    s = initial(V1)
+    assert s.primary == "blue" and s.slots["green"] == V1
+    with pytest.raises(ServingStateError, match="nothing to roll back"):
+        rollback(s)
+    staged = stage_on_standby(s, V2)
+    assert staged.primary_model == V1 and staged.slots["green"] == V2  # traffic unchanged
+    live = switch(staged)
+    assert live.primary == "green" and live.primary_model == V2 and live.slots["blue"] == V1
+    back = rollback(live)
+    assert back.primary_model == V1 and back.slots["green"] == V2  # V2 stays warm
+
+
+def test_canary_promote_and_abort() -> None:
+    staged = stage_on_standby(initial(V1), V2)
+    canary = start_canary(staged, 0.1)
+    assert canary.router_config() == {"primary": "blue", "canary": "green", "canary_share": 0.1}
+    assert finish_canary(canary, promote=True).primary_model == V2
+    aborted = finish_canary(canary, promote=False)
+    assert aborted.primary_model == V1 and aborted.canary is None
+    with pytest.raises(ServingStateError):
+        start_canary(staged, 1.5)
+    with pytest.raises(ServingStateError, match="no canary"):
+        finish_canary(aborted, promote=True)
+
+
+def test_state_round_trips_through_json() -> None:
+    from mlops.serving_state import ServingState
+
+    s = start_canary(stage_on_standby(initial(V1), V2), 0.25)
+    assert ServingState.from_dict(s.to_dict()) == s
+
+
+def test_inference_log_writes_parquet(tmp_path: Path) -> None:
+    log = InferenceLog(str(tmp_path), {}, flush_every_s=60)
+    log.append([{"a": 1.0, "model_version": "3"}, {"a": 2.0, "model_version": "3"}])
+    assert log.flush() == 2
+    files = list((tmp_path / "inference_log").rglob("*.parquet"))
+    assert len(files) == 1 and pd.read_parquet(files[0])["a"].tolist() == [1.0, 2.0]
+    log.close()
+
+
+def test_losing_the_log_never_raises(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the log directory should be")
+    log = InferenceLog(str(blocker), {}, flush_every_s=60)
+    log.append([{"a": 1.0}])
+    assert log.flush() == 0  # no exception reaches the caller
+    assert log.dropped == 1 and log.written == 0
+    log.close()
