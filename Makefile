@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.8
 
-.PHONY: setup run test test-unit lint bench clean
+.PHONY: setup run test test-unit lint bench bench-serving clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_pipeline.py $(ARGS)
+
+bench-serving: setup
+	$(BIN)/python benchmarks/bench_serving.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mlops

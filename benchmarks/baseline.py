@@ -79,15 +79,14 @@ def main() -> None:
     from mlops.features import (
         FEATURE_COLUMNS,
         LABEL,
+        Lookups,
         assign_split,
         build_features,
-        prepare_planes,
-        prepare_weather,
         split_bounds,
     )
 
     flights_ok = pd.concat([parts[d] for d in accepted], ignore_index=True)
-    feats = build_features(flights_ok, prepare_weather(weather), prepare_planes(planes))
+    feats = build_features(flights_ok, Lookups.from_frames(weather, planes))
     feats["split"] = assign_split(feats["date"], split_bounds(accepted))
     feats = feats[feats[LABEL].notna()]
     cols = list(FEATURE_COLUMNS)

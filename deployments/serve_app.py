@@ -66,8 +66,9 @@ class ModelConfig:
     use_gpu: bool = False
 
 
-def validate_request(payload: Any, known_carriers: frozenset[str] | None, max_rows: int
-                     ) -> tuple[int, Any]:  # fmt: skip
+def validate_request(
+    payload: Any, known_carriers: frozenset[str] | None, max_rows: int
+) -> tuple[int, Any]:
     """(status, rows or error detail): 413 oversized, 422 invalid naming the field, 200 rows."""
     if isinstance(payload, list) and len(payload) > max_rows:
         return 413, f"batch of {len(payload)} rows exceeds the limit of {max_rows}"
@@ -95,6 +96,7 @@ def validate_request(payload: Any, known_carriers: frozenset[str] | None, max_ro
     health_check_timeout_s=30,
     max_ongoing_requests=64,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+    logging_config={"enable_access_log": False, "log_level": "WARNING"},
 )
 class FlightModel:
     def __init__(self, config: dict) -> None:
@@ -124,8 +126,9 @@ class FlightModel:
         self.booster.set_param({"nthread": 1, "device": self.device})
         root, leaf = posixpath.split(self.cfg.dims_uri.rstrip("/"))
         dims = Storage(root, self.cfg.storage_options)
-        self.weather = dims.read_parquet(posixpath.join(leaf, "weather.parquet")).to_pandas()
-        self.planes = dims.read_parquet(posixpath.join(leaf, "planes.parquet")).to_pandas()
+        from mlops.features import load_lookups
+
+        self.lookups = load_lookups(self.cfg.dims_uri, self.cfg.storage_options)
         carriers = posixpath.join(leaf, "carriers.json")
         self.carriers = (
             sorted(json.loads(dims.read_bytes(carriers))) if dims.exists(carriers) else []
@@ -143,7 +146,7 @@ class FlightModel:
         return {**d, "device": self.device, "known_carriers": self.carriers}
 
     def check_health(self) -> None:
-        if self.booster is None or self.weather is None:
+        if self.booster is None or self.lookups is None:
             raise RuntimeError("model or lookups not loaded")
 
     def flush_log(self) -> int:
@@ -164,21 +167,27 @@ class FlightModel:
         flat = [row for b in batches for row in b]
         if not flat:
             return [[] for _ in batches]
-        feats = build_features(pd.DataFrame(flat), self.weather, self.planes)
+        feats = build_features(pd.DataFrame(flat), self.lookups)
         x = feats.loc[:, list(FEATURE_COLUMNS)]
         probs = self.booster.predict(self._xgb.DMatrix(x))
-        now = time.time()
-        out, logged = [], []
-        for i, (p, w, pl) in enumerate(
-            zip(probs, feats["weather_known"], feats["plane_known"], strict=True)
+        out = []
+        for p, w, pl in zip(
+            probs.tolist(),
+            feats["weather_known"].tolist(),
+            feats["plane_known"].tolist(),
+            strict=True,
         ):
             missing = [name for name, known in (("weather", w), ("plane", pl)) if not known]
-            out.append({"probability_late": round(float(p), 6), "late": bool(p >= 0.5),
-                        "missing": missing})  # fmt: skip
-            logged.append({**x.iloc[i].to_dict(), "date": feats["date"].iloc[i],
-                           "carrier": flat[i]["carrier"], "origin": flat[i]["origin"],
-                           "dest": flat[i]["dest"], "probability_late": float(p),
-                           "model_version": self.cfg.version, "ts": now})  # fmt: skip
+            out.append({"probability_late": round(p, 6), "late": p >= 0.5, "missing": missing})
+        logged = x.assign(
+            date=feats["date"].to_numpy(),
+            carrier=[r["carrier"] for r in flat],
+            origin=[r["origin"] for r in flat],
+            dest=[r["dest"] for r in flat],
+            probability_late=probs,
+            model_version=self.cfg.version,
+            ts=time.time(),
+        )
         self.log.append(logged)
         self.predictions.inc(len(flat), tags={"model_version": self.cfg.version})
         results, start = [], 0
@@ -192,6 +201,7 @@ class FlightModel:
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=256,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64},
+    logging_config={"enable_access_log": False, "log_level": "WARNING"},
 )
 @serve.ingress(api)
 class Router:
@@ -272,8 +282,12 @@ class Router:
     async def healthz(self) -> dict:
         await self.slots[self.primary].check_health.remote()  # the replica's own health check
         info = await self._slot_info(self.primary)
-        return {"status": "ok", "model": info["model_name"], "version": info["version"],
-                "slot": self.primary}  # fmt: skip
+        return {
+            "status": "ok",
+            "model": info["model_name"],
+            "version": info["version"],
+            "slot": self.primary,
+        }
 
     @api.get("/slots/{slot}/healthz")
     async def healthz_slot(self, slot: str) -> JSONResponse:
@@ -287,13 +301,22 @@ class Router:
     @api.get("/version")
     async def version(self) -> dict:
         info = await self._slot_info(self.primary)
-        out = {"model": info["model_name"], "version": info["version"], "alias": "champion",
-               "run_id": info["run_id"], "promoted_at": info["promoted_at"],
-               "slot": self.primary, "device": info["device"]}  # fmt: skip
+        out = {
+            "model": info["model_name"],
+            "version": info["version"],
+            "alias": "champion",
+            "run_id": info["run_id"],
+            "promoted_at": info["promoted_at"],
+            "slot": self.primary,
+            "device": info["device"],
+        }
         if self.canary:
             canary = await self._slot_info(self.canary)
-            out["canary"] = {"version": canary["version"], "share": self.canary_share,
-                             "slot": self.canary}  # fmt: skip
+            out["canary"] = {
+                "version": canary["version"],
+                "share": self.canary_share,
+                "slot": self.canary,
+            }
         return out
 
     @api.post("/admin/flush-log")

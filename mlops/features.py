@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -91,9 +93,7 @@ def stable_code(values: pd.Series) -> pd.Series:
 
     It needs no fitted vocabulary, so a category first seen at serving time still gets a code.
     """
-    uniques = values.dropna().unique()
-    mapping = {v: float(zlib.crc32(str(v).encode()) % 100_003) for v in uniques}
-    return values.map(mapping).astype("float64")
+    return pd.Series(_codes(_str(values).to_numpy()), index=values.index)
 
 
 def _num(values: pd.Series) -> pd.Series:
@@ -107,8 +107,15 @@ def _str(values: pd.Series) -> pd.Series:
     return out.where(out.notna(), None)
 
 
-def _minute_of_day(hhmm: pd.Series) -> pd.Series:
-    return (hhmm // 100) * 60 + hhmm % 100
+@lru_cache(maxsize=65_536)
+def _code(value: str) -> float:
+    return float(zlib.crc32(value.encode()) % 100_003)
+
+
+def _codes(values: np.ndarray) -> np.ndarray:
+    return np.fromiter(
+        (np.nan if v is None else _code(str(v)) for v in values), dtype="float64", count=len(values)
+    )
 
 
 def prepare_weather(weather: pd.DataFrame) -> pd.DataFrame:
@@ -122,8 +129,9 @@ def prepare_weather(weather: pd.DataFrame) -> pd.DataFrame:
 
 
 def prepare_planes(planes: pd.DataFrame) -> pd.DataFrame:
-    out = planes.loc[:, ["tailnum", "year", "seats", "engines", "type", "manufacturer"]]
-    out = out.rename(columns={"year": "plane_year", "type": "plane_type"})
+    """One row per tailnum with the plane columns features use (idempotent on its own output)."""
+    out = planes.rename(columns={"year": "plane_year", "type": "plane_type"})
+    out = out.loc[:, ["tailnum", *PLANE_COLUMNS]]
     out = out.drop_duplicates(subset=["tailnum"], keep="first")
     return out.astype(
         {
@@ -137,72 +145,132 @@ def prepare_planes(planes: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def build_features(
-    flights: pd.DataFrame, weather: pd.DataFrame, planes: pd.DataFrame
-) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Lookups:
+    """Weather and plane attributes keyed for O(1) lookups, built once per process.
+
+    Built from :func:`prepare_weather` / :func:`prepare_planes` outputs. A dictionary lookup per
+    row is what lets one feature function serve both a 40,000-row Ray Data batch and a
+    single-flight request in well under a millisecond of join work.
+    """
+
+    weather_index: dict[tuple[str, int, int, int, int], int]
+    weather_values: np.ndarray
+    plane_index: dict[str, int]
+    plane_values: np.ndarray  # plane_year, seats, engines, plane_type_code, manufacturer_code
+
+    @classmethod
+    def from_frames(cls, weather: pd.DataFrame, planes: pd.DataFrame) -> Lookups:
+        w = prepare_weather(weather)
+        p = prepare_planes(planes)
+        keys = zip(w["origin"], w["year"], w["month"], w["day"], w["hour"], strict=True)
+        weather_index = {
+            (str(o), int(y), int(m), int(d), int(h)): i for i, (o, y, m, d, h) in enumerate(keys)
+        }
+        plane_values = (
+            np.column_stack(
+                [
+                    p["plane_year"].to_numpy(dtype="float64"),
+                    p["seats"].to_numpy(dtype="float64"),
+                    p["engines"].to_numpy(dtype="float64"),
+                    stable_code(p["plane_type"]).to_numpy(),
+                    stable_code(p["manufacturer"]).to_numpy(),
+                ]
+            )
+            if len(p)
+            else np.empty((0, 5))
+        )
+        return cls(
+            weather_index=weather_index,
+            weather_values=w.loc[:, list(WEATHER_COLUMNS)].to_numpy(dtype="float64"),
+            plane_index={str(t): i for i, t in enumerate(p["tailnum"])},
+            plane_values=plane_values,
+        )
+
+
+def load_lookups(dims_uri: str, storage_options: dict | None = None) -> Lookups:
+    """Lookups from a feature snapshot's curated dimensions (``<dims_uri>/{weather,planes}``)."""
+    import posixpath
+
+    from mlops.storage import Storage
+
+    root, leaf = posixpath.split(dims_uri.rstrip("/"))
+    dims = Storage(root, storage_options or {})
+    return Lookups.from_frames(
+        dims.read_parquet(posixpath.join(leaf, "weather.parquet")).to_pandas(),
+        dims.read_parquet(posixpath.join(leaf, "planes.parquet")).to_pandas(),
+    )
+
+
+def _take(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    out = np.full((len(idx), values.shape[1]), np.nan)
+    hit = idx >= 0
+    out[hit] = values[idx[hit]]
+    return out
+
+
+def build_features(flights: pd.DataFrame, lookups: Lookups) -> pd.DataFrame:
     """Join flights with weather (origin, scheduled hour) and planes (tailnum); derive features.
 
-    ``weather`` and ``planes`` are the outputs of :func:`prepare_weather` / :func:`prepare_planes`.
     Returns the feature columns in ``FEATURE_COLUMNS`` order plus ``date`` and, when the input
     has ``arr_delay``, ``label`` (NaN for cancelled or diverted flights).
     """
-    f = pd.DataFrame(
-        {
-            **{
-                c: _num(flights[c])
-                for c in (
-                    "year",
-                    "month",
-                    "day",
-                    "sched_dep_time",
-                    "sched_arr_time",
-                    "flight",
-                    "distance",
-                )
-            },
-            **{c: _str(flights[c]) for c in ("carrier", "tailnum", "origin", "dest")},
-        }
+    n = len(flights)
+    year, month, day = (
+        _num(flights[c]).fillna(-1).astype("int64").to_numpy() for c in ("year", "month", "day")
     )
-    for c in ("year", "month", "day"):
-        f[c] = f[c].fillna(-1).astype("int64")
-    f["hour"] = (f["sched_dep_time"] // 100).fillna(-1).astype("int64")
-    f = f.merge(weather, how="left", on=list(WEATHER_KEY), validate="many_to_one")
-    f = f.merge(planes, how="left", on="tailnum", validate="many_to_one")
+    dep = _num(flights["sched_dep_time"]).to_numpy()
+    arr = _num(flights["sched_arr_time"]).to_numpy()
+    carrier, tailnum, origin, dest = (
+        _str(flights[c]).to_numpy() for c in ("carrier", "tailnum", "origin", "dest")
+    )
+    hour = np.where(np.isnan(dep), -1, dep // 100).astype("int64")
+    w_get, p_get = lookups.weather_index.get, lookups.plane_index.get
+    w_idx = np.fromiter(
+        (
+            w_get((o, y, m, d, h), -1)
+            for o, y, m, d, h in zip(
+                origin, year.tolist(), month.tolist(), day.tolist(), hour.tolist(), strict=True
+            )
+        ),
+        dtype="int64",
+        count=n,
+    )
+    p_idx = np.fromiter((p_get(t, -1) for t in tailnum), dtype="int64", count=n)
+    weather = _take(lookups.weather_values, w_idx)
+    plane = _take(lookups.plane_values, p_idx)
 
-    dates = pd.to_datetime(dict(year=f["year"], month=f["month"], day=f["day"]), errors="coerce")
-    dep_min = _minute_of_day(f["sched_dep_time"])
-    arr_min = _minute_of_day(f["sched_arr_time"])
-    out = pd.DataFrame(
-        {
-            "month": f["month"].astype("float64"),
-            "day": f["day"].astype("float64"),
-            "day_of_week": dates.dt.dayofweek.astype("float64"),
-            "day_of_year": dates.dt.dayofyear.astype("float64"),
-            "sched_dep_hour": (f["sched_dep_time"] // 100).astype("float64"),
-            "sched_dep_minute_of_day": dep_min.astype("float64"),
-            "sched_arr_minute_of_day": arr_min.astype("float64"),
-            "sched_block_minutes": ((arr_min - dep_min) % 1440).astype("float64"),
-            "distance": f["distance"],
-            "flight": f["flight"],
-            "carrier_code": stable_code(f["carrier"]),
-            "origin_code": stable_code(f["origin"]),
-            "dest_code": stable_code(f["dest"]),
-            **{c: f[c].astype("float64") for c in WEATHER_COLUMNS},
-            "plane_age": (f["year"] - f["plane_year"]).astype("float64"),
-            "seats": f["seats"].astype("float64"),
-            "engines": f["engines"].astype("float64"),
-            "plane_type_code": stable_code(f["plane_type"]),
-            "manufacturer_code": stable_code(f["manufacturer"]),
-            "weather_known": f["temp"].notna().astype("float64"),
-            "plane_known": f["seats"].notna().astype("float64"),
-        }
-    )
-    out = out.loc[:, list(FEATURE_COLUMNS)]
+    dates = pd.to_datetime(dict(year=year, month=month, day=day), errors="coerce")
+    dep_min = (dep // 100) * 60 + dep % 100
+    arr_min = (arr // 100) * 60 + arr % 100
+    columns = {
+        "month": month.astype("float64"),
+        "day": day.astype("float64"),
+        "day_of_week": dates.dt.dayofweek.to_numpy(dtype="float64"),
+        "day_of_year": dates.dt.dayofyear.to_numpy(dtype="float64"),
+        "sched_dep_hour": dep // 100,
+        "sched_dep_minute_of_day": dep_min,
+        "sched_arr_minute_of_day": arr_min,
+        "sched_block_minutes": (arr_min - dep_min) % 1440,
+        "distance": _num(flights["distance"]).to_numpy(),
+        "flight": _num(flights["flight"]).to_numpy(),
+        "carrier_code": _codes(carrier),
+        "origin_code": _codes(origin),
+        "dest_code": _codes(dest),
+        **{c: weather[:, i] for i, c in enumerate(WEATHER_COLUMNS)},
+        "plane_age": year - plane[:, 0],
+        "seats": plane[:, 1],
+        "engines": plane[:, 2],
+        "plane_type_code": plane[:, 3],
+        "manufacturer_code": plane[:, 4],
+        "weather_known": (w_idx >= 0).astype("float64"),
+        "plane_known": (p_idx >= 0).astype("float64"),
+    }
+    out = pd.DataFrame(columns, index=flights.index).loc[:, list(FEATURE_COLUMNS)]
     assert_no_leakage(out.columns)
-    out["date"] = dates.dt.strftime("%Y-%m-%d").astype("object")
+    out["date"] = dates.dt.strftime("%Y-%m-%d").to_numpy(dtype=object)
     if "arr_delay" in flights.columns:
         out[LABEL] = make_label(flights["arr_delay"]).to_numpy()
-    out.index = flights.index
     return out
 
 

@@ -31,7 +31,8 @@ class InferenceLog:
         self._options = storage_options
         self._flush_every_s = flush_every_s
         self._max_rows = max_rows
-        self._rows: list[dict[str, Any]] = []
+        self._frames: list[Any] = []
+        self._buffered = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -40,19 +41,24 @@ class InferenceLog:
         self._thread = threading.Thread(target=self._loop, name="inference-log", daemon=True)
         self._thread.start()
 
-    def append(self, rows: list[dict[str, Any]]) -> None:
-        """O(1) on the request path: hand the rows to the writer thread."""
+    def append(self, rows: Any) -> None:
+        """O(1) on the request path: hand a DataFrame (or a list of row dicts) to the writer."""
+        import pandas as pd
+
+        frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
         with self._lock:
-            self._rows.extend(rows)
-            full = len(self._rows) >= self._max_rows
+            self._frames.append(frame)
+            self._buffered += len(frame)
+            full = self._buffered >= self._max_rows
         if full:
             self._wake.set()
 
     def flush(self) -> int:
         """Write what is buffered now; returns the number of rows written."""
         with self._lock:
-            rows, self._rows = self._rows, []
-        if not rows:
+            frames, self._frames, n = self._frames, [], self._buffered
+            self._buffered = 0
+        if not frames:
             return 0
         try:
             import pandas as pd
@@ -61,15 +67,15 @@ class InferenceLog:
             from mlops.storage import Storage
 
             day = datetime.now(UTC).strftime("%Y-%m-%d")
-            table = pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False)
+            table = pa.Table.from_pandas(pd.concat(frames, ignore_index=True), preserve_index=False)
             Storage(self._root, self._options).write_parquet(
                 f"{LOG_DIR}/date={day}/{uuid.uuid4().hex}.parquet", table
             )
-            self.written += len(rows)
-            return len(rows)
+            self.written += n
+            return n
         except Exception as exc:
-            self.dropped += len(rows)
-            log.warning("inference log write failed, %d rows dropped: %s", len(rows), exc)
+            self.dropped += n
+            log.warning("inference log write failed, %d rows dropped: %s", n, exc)
             return 0
 
     def close(self) -> None:

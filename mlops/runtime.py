@@ -113,16 +113,34 @@ class LocalPrefectApi:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def launch(self) -> LocalPrefectApi:
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-               "PREFECT__SERVER_FINAL": "1"}  # fmt: skip
+        env = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-                env=env, stdout=log_file, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "prefect.server.api.server:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "error",
+                    "--lifespan",
+                    "on",
+                ],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         return self
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
@@ -179,10 +197,21 @@ def prepare_process(
 
 # Imported by the warm-up tasks so that the first stages do not pay for them one after another.
 WARM_MODULES = (
-    "prefect", "prefect_ray", "tasks.ingest", "tasks.validate", "tasks.transform", "tasks.tune",
-    "tasks.register", "tasks.gate", "tasks.promote", "great_expectations", "mlflow.xgboost",
-    "xgboost", "ray.data", "ray.tune",
-)  # fmt: skip
+    "prefect",
+    "prefect_ray",
+    "tasks.ingest",
+    "tasks.validate",
+    "tasks.transform",
+    "tasks.tune",
+    "tasks.register",
+    "tasks.gate",
+    "tasks.promote",
+    "great_expectations",
+    "mlflow.xgboost",
+    "xgboost",
+    "ray.data",
+    "ray.tune",
+)
 
 
 def warm_worker(tracking_uri: str | None) -> None:

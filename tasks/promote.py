@@ -86,24 +86,23 @@ def offline_predictions(
     storage_options: dict,
 ) -> np.ndarray:
     """What the registry model gives for the requests outside Serve, through the same features."""
-    import posixpath
-
     import xgboost as xgb
 
-    from mlops.features import FEATURE_COLUMNS, build_features
-    from mlops.storage import Storage
+    from mlops.features import FEATURE_COLUMNS, build_features, load_lookups
 
-    root, leaf = posixpath.split(features.dims_uri.rstrip("/"))
-    dims = Storage(root, storage_options)
-    weather = dims.read_parquet(posixpath.join(leaf, "weather.parquet")).to_pandas()
-    planes = dims.read_parquet(posixpath.join(leaf, "planes.parquet")).to_pandas()
-    feats = build_features(pd.DataFrame(requests), weather, planes)
+    feats = build_features(pd.DataFrame(requests), load_lookups(features.dims_uri, storage_options))
     booster = registry.load_booster(version)
     return booster.predict(xgb.DMatrix(feats.loc[:, list(FEATURE_COLUMNS)]))
 
 
-def check_slot(base_url: str, slot: str, requests: list[dict[str, Any]], expected: np.ndarray,
-               version: str, timeout_s: float = 120.0) -> dict[str, Any]:  # fmt: skip
+def check_slot(
+    base_url: str,
+    slot: str,
+    requests: list[dict[str, Any]],
+    expected: np.ndarray,
+    version: str,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
     """Health-check one slot over HTTP and compare its smoke predictions; raises PromotionFailed."""
     import httpx
 
@@ -199,15 +198,21 @@ def deploy_state(settings: Settings, state: ServingState) -> None:
     """Apply a state; unchanged slots are untouched and a traffic change restarts nothing."""
     from ray import serve
 
-    serve.run(app_from_state(settings, state), name=settings.serve_app_name, route_prefix="/",
-              blocking=False)  # fmt: skip
+    serve.run(
+        app_from_state(settings, state),
+        name=settings.serve_app_name,
+        route_prefix="/",
+        blocking=False,
+    )
 
 
-def slot_model_for(settings: Settings, registry: ModelRegistry, version: str, dims_uri: str
-                   ) -> SlotModel:  # fmt: skip
+def slot_model_for(
+    settings: Settings, registry: ModelRegistry, version: str, dims_uri: str
+) -> SlotModel:
     run_id = registry.client.get_model_version(settings.model_name, version).run_id
-    return SlotModel(version=version, run_id=run_id, dims_uri=dims_uri,
-                     promoted_at=datetime.now(UTC).isoformat())  # fmt: skip
+    return SlotModel(
+        version=version, run_id=run_id, dims_uri=dims_uri, promoted_at=datetime.now(UTC).isoformat()
+    )
 
 
 def move_champion(registry: ModelRegistry, version: str) -> str | None:
@@ -243,8 +248,9 @@ def promote(
     if decision.promote:
         version = model.version
         try:
-            expected = offline_predictions(registry, version, features, requests,
-                                           settings.storage_options)  # fmt: skip
+            expected = offline_predictions(
+                registry, version, features, requests, settings.storage_options
+            )
         except Exception as exc:
             raise PromotionFailed(
                 f"version {version} not promoted: it failed to load from the registry: "
@@ -272,8 +278,9 @@ def promote(
             moved = True
     else:
         version = decision.champion_version or model.version
-        expected = offline_predictions(registry, version, features, requests,
-                                       settings.storage_options)  # fmt: skip
+        expected = offline_predictions(
+            registry, version, features, requests, settings.storage_options
+        )
         if state is None or state.primary_model.version != version:
             state = initial(slot_model_for(settings, registry, version, features.dims_uri))
         if live != version:
@@ -294,9 +301,15 @@ def promote(
     )
 
 
-def _apply_checked(settings: Settings, state: ServingState, previous: ServingState | None,
-                   slot: str, requests: list[dict[str, Any]], expected: np.ndarray,
-                   version: str) -> None:  # fmt: skip
+def _apply_checked(
+    settings: Settings,
+    state: ServingState,
+    previous: ServingState | None,
+    slot: str,
+    requests: list[dict[str, Any]],
+    expected: np.ndarray,
+    version: str,
+) -> None:
     """Deploy a state and check one slot; on failure put the previous state back and raise."""
     from ray import serve
 

@@ -20,6 +20,7 @@ from mlops.features import (
     FEATURE_COLUMNS,
     LABEL,
     SPLITS,
+    Lookups,
     assign_split,
     build_features,
     prepare_planes,
@@ -46,8 +47,7 @@ class TransformConfig:
 def featurize_partitions(
     batch: dict[str, Any],
     storage: Storage,
-    weather: pd.DataFrame,
-    planes: pd.DataFrame,
+    lookups: Lookups,
     bounds: dict[str, tuple[str, str]],
 ) -> pd.DataFrame:
     """One Ray Data block: read its daily partitions, join, featurize, label and split.
@@ -61,7 +61,7 @@ def featurize_partitions(
         for path in batch["path"]
     ]
     flights = pa.concat_tables(tables, promote_options="permissive").to_pandas()
-    out = build_features(flights, weather, planes)
+    out = build_features(flights, lookups)
     out["split"] = assign_split(out["date"], bounds)
     out = out[out[LABEL].notna() & out["split"].notna()]
     return out.reset_index(drop=True)
@@ -138,8 +138,7 @@ def build_feature_snapshot(
         concurrency=cfg.concurrency,
         fn_kwargs={
             "storage": storage,
-            "weather": weather,
-            "planes": planes,
+            "lookups": Lookups.from_frames(weather, planes),
             "bounds": bounds,
         },
     )

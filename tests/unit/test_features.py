@@ -11,12 +11,11 @@ from mlops.features import (
     LABEL,
     LEAKY_COLUMNS,
     LeakageError,
+    Lookups,
     assert_no_leakage,
     assign_split,
     build_features,
     make_label,
-    prepare_planes,
-    prepare_weather,
     split_bounds,
     stable_code,
 )
@@ -45,7 +44,7 @@ def flights_frame(**overrides: object) -> pd.DataFrame:
     return pd.DataFrame([row])
 
 
-WEATHER = prepare_weather(
+WEATHER = pd.DataFrame(
     pd.DataFrame(
         {
             "origin": ["EWR", "EWR"],
@@ -65,7 +64,7 @@ WEATHER = prepare_weather(
         }
     )
 )
-PLANES = prepare_planes(
+PLANES = pd.DataFrame(
     pd.DataFrame(
         {
             "tailnum": ["N14228"],
@@ -78,10 +77,11 @@ PLANES = prepare_planes(
         }
     )
 )
+LOOKUPS = Lookups.from_frames(WEATHER, PLANES)
 
 
 def test_features_join_weather_at_scheduled_hour_and_plane_by_tailnum() -> None:
-    out = build_features(flights_frame(), WEATHER, PLANES)
+    out = build_features(flights_frame(), LOOKUPS)
     assert list(out.columns[: len(FEATURE_COLUMNS)]) == list(FEATURE_COLUMNS)
     row = out.iloc[0]
     assert row["temp"] == 70.0  # first of the duplicated hours
@@ -96,20 +96,19 @@ def test_features_join_weather_at_scheduled_hour_and_plane_by_tailnum() -> None:
 
 
 def test_unknown_weather_and_plane_are_missing_not_errors() -> None:
-    out = build_features(flights_frame(tailnum=None, origin="JFK"), WEATHER, PLANES)
+    out = build_features(flights_frame(tailnum=None, origin="JFK"), LOOKUPS)
     row = out.iloc[0]
     assert np.isnan(row["temp"]) and np.isnan(row["seats"])
     assert row["weather_known"] == 0.0 and row["plane_known"] == 0.0
 
 
 def test_features_never_contain_post_departure_columns() -> None:
-    out = build_features(flights_frame(), WEATHER, PLANES)
+    out = build_features(flights_frame(), LOOKUPS)
     assert not set(out.columns) & LEAKY_COLUMNS
     # Changing what happens after departure must not change any feature.
     later = build_features(
         flights_frame(dep_time=900.0, dep_delay=180.0, arr_time=1200.0, air_time=300.0),
-        WEATHER,
-        PLANES,
+        LOOKUPS,
     )
     pd.testing.assert_frame_equal(
         out[list(FEATURE_COLUMNS)], later[list(FEATURE_COLUMNS)], check_exact=True
@@ -122,11 +121,11 @@ def test_leakage_guard_names_the_leaked_columns() -> None:
 
 
 def test_serving_requests_without_label_columns_build_the_same_features() -> None:
-    full = build_features(flights_frame(), WEATHER, PLANES)
+    full = build_features(flights_frame(), LOOKUPS)
     request = flights_frame().drop(
         columns=["dep_time", "dep_delay", "arr_time", "arr_delay", "air_time"]
     )
-    served = build_features(request, WEATHER, PLANES)
+    served = build_features(request, LOOKUPS)
     assert LABEL not in served
     pd.testing.assert_frame_equal(full[list(FEATURE_COLUMNS)], served[list(FEATURE_COLUMNS)])
 
@@ -174,3 +173,13 @@ def test_split_rejects_bad_fractions(fractions: tuple[float, float, float]) -> N
 def test_split_needs_three_days() -> None:
     with pytest.raises(ValueError, match="at least 3"):
         split_bounds(["2013-01-01", "2013-01-02"])
+
+
+def test_lookups_build_from_raw_or_curated_dimensions() -> None:
+    """Serving loads the curated (already prepared) dimensions; the result must not differ."""
+    from mlops.features import prepare_planes, prepare_weather
+
+    curated = Lookups.from_frames(prepare_weather(WEATHER), prepare_planes(PLANES))
+    a = build_features(flights_frame(), LOOKUPS)
+    b = build_features(flights_frame(), curated)
+    pd.testing.assert_frame_equal(a, b)

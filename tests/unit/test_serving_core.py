@@ -20,9 +20,19 @@ from mlops.serving_state import (
     switch,
 )
 
-FLIGHT = {"year": 2013, "month": 6, "day": 3, "sched_dep_time": 600, "sched_arr_time": 830,
-          "carrier": "UA", "flight": 1545, "tailnum": "N14228", "origin": "EWR", "dest": "IAH",
-          "distance": 1400}  # fmt: skip
+FLIGHT = {
+    "year": 2013,
+    "month": 6,
+    "day": 3,
+    "sched_dep_time": 600,
+    "sched_arr_time": 830,
+    "carrier": "UA",
+    "flight": 1545,
+    "tailnum": "N14228",
+    "origin": "EWR",
+    "dest": "IAH",
+    "distance": 1400,
+}
 V1, V2 = SlotModel("1", "r1", "dims"), SlotModel("2", "r2", "dims")
 
 
