@@ -266,9 +266,13 @@ def open_root(root: str, storage_options: dict[str, Any], create: bool) -> Stora
             if create and not os.access(storage.path(), os.W_OK):
                 raise BackupError(f"backup root {root} is not writable")
         else:
-            storage.fs.ls(storage.path())
+            storage.fs.ls(storage.path().split("/")[0])  # the bucket: reachable and there
+            if not create and not storage.fs.exists(storage.path()):
+                raise BackupError(f"backup root {root} does not exist")
     except BackupError:
         raise
+    except FileNotFoundError:
+        raise BackupError(f"backup root {root} does not exist") from None
     except Exception as exc:
         raise BackupError(f"backup root {root} is unreachable: {_one_line(exc)}") from None
     return storage

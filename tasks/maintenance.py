@@ -243,11 +243,13 @@ def merge_history(
 
 def _tree(fs: Any, path: str) -> tuple[int, float]:
     """(bytes, newest modification as epoch seconds) of a file or directory."""
-    if fs.isfile(path):
-        infos = [fs.info(path)]
+    infos = [fs.info(path)]  # the entry itself counts: an empty new directory is young
+    if not fs.isfile(path):
+        files = list(fs.find(path, detail=True).values())
+        total = sum(int(i.get("size") or 0) for i in files)
+        infos += files
     else:
-        infos = list(fs.find(path, detail=True).values())
-    total = sum(int(i.get("size") or 0) for i in infos)
+        total = int(infos[0].get("size") or 0)
     newest = 0.0
     for i in infos:
         m = i.get("mtime") or i.get("LastModified") or i.get("created") or 0
