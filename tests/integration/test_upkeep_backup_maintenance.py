@@ -1,9 +1,11 @@
 """Backup, restore, the restore drill and daily maintenance on real local parts.
 
 This module keeps its own state: MLOPS_HOME (and so the lake, MLflow store, artifacts and backups)
-points into a temporary directory while it runs, so the shared session registry stays empty for
-the modules after it. It trains one small champion there, serves it, and removes the Serve
-application when done.
+points into a temporary directory while it runs. It trains one small champion there, serves it,
+and removes the Serve application when done. It is named to run after test_training_pipeline.py:
+a training run here also left a registered version in the shared session registry (the Ray
+workers keep the session's MLFLOW_TRACKING_URI in their environment), which broke that module's
+"no champion yet" start.
 """
 
 from __future__ import annotations
