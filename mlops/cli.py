@@ -274,6 +274,135 @@ def summary_lines(summary: Any, settings: Any, embedded: bool, seconds: float) -
     return lines
 
 
+def _start_runtime(debug: bool) -> tuple[Any, Any]:
+    """Settings and the local Prefect API launched (as ``run`` does); user errors exit 2."""
+    from mlops.runtime import prepare_process
+    from mlops.settings import load_settings
+
+    try:
+        return prepare_process(load_settings())
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(f"configuration: {_one_line(exc)}", EXIT_USER)
+        raise
+
+
+@app.command()
+def backup(
+    run_date: str | None = typer.Option(
+        None, help="Date or ISO timestamp naming the snapshot (default: now, UTC)."
+    ),
+    backup_root: str | None = typer.Option(None, help="Default: MLOPS_BACKUP_ROOT."),
+    keep_daily: int = typer.Option(7, min=0, help="Keep the newest backup of this many days."),
+    keep_weekly: int = typer.Option(4, min=0, help="... and of this many ISO weeks."),
+    no_datasets: bool = typer.Option(False, "--no-datasets", help="Skip curated/features."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Back up datasets, the MLflow store and artifacts, registry state and the Serve config."""
+    from mlops.errors import UserError
+    from mlops.runtime import runtime
+    from mlops.settings import load_settings
+
+    try:
+        from tasks.backup import open_root, timestamp_for
+
+        settings = load_settings()
+        timestamp_for(run_date)
+        open_root(backup_root or settings.backup_root, settings.storage_options, create=True)
+    except UserError as exc:
+        _fail(_one_line(exc), EXIT_USER)
+    settings, api = _start_runtime(debug)
+    with runtime(settings, api):
+        from flows.backup import backup as backup_flow
+
+        state = backup_flow(
+            run_date=run_date,
+            backup_root=backup_root,
+            keep_daily=keep_daily,
+            keep_weekly=keep_weekly,
+            include_datasets=not no_datasets,
+            return_state=True,
+        )
+        result = state.result(raise_on_failure=False)
+    if not state.is_completed():
+        _report_failure(result, debug)
+    typer.echo(
+        f"backup {result.backup_id}: {result.files} files, {result.total_bytes} bytes "
+        f"({result.new_files} new, {result.new_bytes} bytes stored) in {result.seconds:.1f}s\n"
+        f"manifest {result.manifest_uri}"
+    )
+
+
+@app.command()
+def restore(
+    backup_id: str = typer.Argument("latest", help="A backup id, or 'latest'."),
+    target: Path = typer.Option(..., "--target", help="Directory to restore MLOPS_HOME into."),
+    backup_root: str | None = typer.Option(None, help="Default: MLOPS_BACKUP_ROOT."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty or live target."),
+    keep_free: int = typer.Option(0, min=0, help="Bytes that must stay free after restoring."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Verify a backup, then restore it into TARGET (no Ray or Prefect needed)."""
+    from mlops.errors import UserError
+    from mlops.settings import load_settings
+    from tasks.backup import open_root
+    from tasks.backup import restore as restore_core
+
+    try:
+        settings = load_settings()
+        root = open_root(backup_root or settings.backup_root, settings.storage_options, False)
+        result = restore_core(
+            root, backup_id, target, force=force, live_home=settings.home,
+            keep_free_bytes=keep_free,
+        )  # fmt: skip
+    except UserError as exc:
+        if debug:
+            raise
+        _fail(_one_line(exc), EXIT_USER)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(f"restore failed: {type(exc).__name__}: {_one_line(exc)}", EXIT_FAILED)
+    typer.echo(f"restored backup {result.backup_id} into {result.target}: {result.detail}")
+    typer.echo(f"use it with: MLOPS_HOME={result.target}")
+
+
+@app.command()
+def maintenance(
+    run_date: str | None = typer.Option(None, help="Date or ISO timestamp (default: now)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what cleanup would remove."),
+    require_serve: bool = typer.Option(
+        False, "--require-serve", help="Fail (not skip) when no Serve application is running."
+    ),
+    max_failed_runs: int = typer.Option(0, min=0, help="Failed flow runs tolerated in 24 h."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Run the daily maintenance checks and print the report table."""
+    from mlops.runtime import runtime
+    from tasks.maintenance import MaintenanceFailed
+
+    settings, api = _start_runtime(debug)
+    with runtime(settings, api):
+        from flows.maintenance import daily_maintenance
+
+        state = daily_maintenance(
+            run_date=run_date,
+            cleanup_dry_run=dry_run,
+            require_serve=require_serve,
+            max_failed_runs=max_failed_runs,
+            return_state=True,
+        )
+        result = state.result(raise_on_failure=False)
+    if state.is_completed():
+        typer.echo(result.table())
+        return
+    if isinstance(result, MaintenanceFailed):
+        typer.echo(result.report.table())
+        _fail(f"maintenance: {_one_line(result)}", EXIT_FAILED)
+    _report_failure(result, debug)
+
+
 def main() -> None:
     app()
 

