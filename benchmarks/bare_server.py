@@ -25,6 +25,7 @@ def make_app(version: str) -> FastAPI:
 
     settings = load_settings()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)  # not the process default
     booster = mlflow.xgboost.load_model(f"models:/{settings.model_name}/{version}")
     booster.set_param({"nthread": 1})
     features_uri = ModelRegistry(settings).version_tags(version)["features_uri"]

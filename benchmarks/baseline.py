@@ -142,6 +142,8 @@ def main() -> None:
     from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+
+    mlflow.set_registry_uri(f"sqlite:///{work / 'mlflow.db'}")  # not the process default
     exp = mlflow.create_experiment("baseline", artifact_location=str(work / "mlartifacts"))
     example = split["test"][cols].head(5)
     with mlflow.start_run(experiment_id=exp):

@@ -112,6 +112,7 @@ class FlightModel:
 
         self.cfg = ModelConfig(**config)
         mlflow.set_tracking_uri(self.cfg.tracking_uri)
+        mlflow.set_registry_uri(self.cfg.tracking_uri)  # not the process default
         self.booster = mlflow.xgboost.load_model(
             f"models:/{self.cfg.model_name}/{self.cfg.version}"
         )

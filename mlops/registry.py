@@ -41,7 +41,9 @@ class ModelRegistry:
     def __post_init__(self) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(self.settings.mlflow_tracking_uri)
+        self.client = MlflowClient(
+            self.settings.mlflow_tracking_uri, registry_uri=self.settings.mlflow_tracking_uri
+        )
         self.name = self.settings.model_name
 
     def alias_version(self, alias: str) -> str | None:
@@ -77,4 +79,6 @@ class ModelRegistry:
         import mlflow.xgboost
 
         mlflow.set_tracking_uri(self.settings.mlflow_tracking_uri)
+
+        mlflow.set_registry_uri(self.settings.mlflow_tracking_uri)  # not the process default
         return mlflow.xgboost.load_model(self.model_uri(version))

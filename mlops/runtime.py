@@ -223,7 +223,7 @@ def warm_worker(tracking_uri: str | None) -> None:
     if tracking_uri:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
+        MlflowClient(tracking_uri, registry_uri=tracking_uri).search_experiments(max_results=1)
 
 
 @contextmanager

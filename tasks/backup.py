@@ -383,7 +383,7 @@ def registry_state(settings: Settings) -> dict[str, Any]:
     """Registered models, versions, aliases and tags, as JSON."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     models = []
     for rm in client.search_registered_models():
         versions = client.search_model_versions(f"name = '{rm.name}'")
@@ -466,20 +466,20 @@ def champion_predictions(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from mlops.features import FEATURE_COLUMNS, build_features
+    from mlops.features import FEATURE_COLUMNS, build_features, load_lookups
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         mv = client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         return None
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)  # not the process default
     booster = mlflow.xgboost.load_model(f"models:/{model_name}/{mv.version}")
     if dims_rel is None:
         dims_rel = dims_rel_for(mv.tags.get("features_uri", ""))
-    weather = data.read_parquet(posixpath.join(dims_rel, "weather.parquet")).to_pandas()
-    planes = data.read_parquet(posixpath.join(dims_rel, "planes.parquet")).to_pandas()
-    feats = build_features(pd.DataFrame(requests), weather, planes)
+    lookups = load_lookups(data.uri(dims_rel), data.storage_options)
+    feats = build_features(pd.DataFrame(requests), lookups)
     probs = booster.predict(xgb.DMatrix(feats.loc[:, list(FEATURE_COLUMNS)]))
     return str(mv.version), [float(p) for p in probs]
 
@@ -811,7 +811,9 @@ def check_restored(
     model_name = manifest.sources.get("model_name", "")
     expected = json.loads((target / "restored" / "registry" / "registry.json").read_text())
     want = next((m["aliases"] for m in expected["models"] if m["name"] == model_name), {})
-    client = MlflowClient(f"sqlite:///{target / 'mlflow.db'}")
+    client = MlflowClient(
+        f"sqlite:///{target / 'mlflow.db'}", registry_uri=f"sqlite:///{target / 'mlflow.db'}"
+    )
     have: dict[str, str] = {}
     for rm in client.search_registered_models():
         if rm.name == model_name:
@@ -824,6 +826,8 @@ def check_restored(
         import mlflow.xgboost
 
         mlflow.set_tracking_uri(f"sqlite:///{target / 'mlflow.db'}")
+
+        mlflow.set_registry_uri(f"sqlite:///{target / 'mlflow.db'}")  # not the process default
         mlflow.xgboost.load_model(f"models:/{model_name}/{have[CHAMPION]}")
         loaded = True
     return have, loaded

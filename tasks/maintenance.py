@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops.errors import CheckFailed
+from mlops.inference_log import LOG_DIR
 from mlops.registry import CHALLENGER, CHAMPION
 from mlops.settings import Settings
 from mlops.storage import Storage
@@ -272,14 +273,14 @@ def find_candidates(
     for rel, kind in (("features/_tmp", "tmp"), ("ray_results", "tune_results")):
         for name in data.ls_dirs(rel):
             out.append(_candidate(data.fs, data.path(rel, name), kind, now))
-    for name in data.ls_dirs("inference_logs"):
+    for name in data.ls_dirs(LOG_DIR):
         day = name.removeprefix("date=")
         try:
             age = (now.date() - datetime.fromisoformat(day).date()).days
         except ValueError:
             continue
-        size, _ = _tree(data.fs, data.path("inference_logs", name))
-        out.append(Candidate(data.path("inference_logs", name), "inference_logs", size, age))
+        size, _ = _tree(data.fs, data.path(LOG_DIR, name))
+        out.append(Candidate(data.path(LOG_DIR, name), "inference_logs", size, age))
     local = Storage("/")
     for dirpath, _dirs, files in os.walk(settings.home):
         for f in files:
@@ -306,7 +307,7 @@ def protected_locations(settings: Settings, backup_root: str) -> tuple[list[str]
 
     paths: list[str] = []
     markers: list[str] = []
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     for alias in (CHAMPION, CHALLENGER):
         try:
             mv = client.get_model_version_by_alias(settings.model_name, alias)
@@ -391,7 +392,7 @@ def check_mlflow(settings: Settings) -> CheckResult:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     client.search_experiments(max_results=1)  # reachable (a transient error here is retried)
     try:
         mv = client.get_model_version_by_alias(settings.model_name, CHAMPION)

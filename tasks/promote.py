@@ -243,8 +243,12 @@ def promote(
     state = load_state(settings)
     live = live_version(url)
     if state is None and live is not None:
-        # A live application whose state was not saved here (e.g. a new storage root): adopt it.
-        state = initial(slot_model_for(settings, registry, live, features.dims_uri))
+        # A live application whose state was not saved here (e.g. a new storage root): adopt it,
+        # unless this registry does not know its version; then it is replaced like a fresh start.
+        try:
+            state = initial(slot_model_for(settings, registry, live, features.dims_uri))
+        except Exception:
+            live = None
     if decision.promote:
         version = model.version
         try:

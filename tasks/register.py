@@ -91,6 +91,8 @@ def register(
     signature = infer_signature(example, booster.predict(xgb.DMatrix(example)))
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)  # not the process default
     with mlflow.start_run(run_id=tune.parent_run_id, experiment_id=tune.experiment_id):
         mlflow.log_params({f"best_{k}": v for k, v in tune.best_params.items()})
         mlflow.log_metric(f"best_{tune.metric_name}", tune.best_metric)

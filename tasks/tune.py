@@ -202,7 +202,7 @@ def log_trials_to_mlflow(
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     exp_id = get_or_create_experiment(client, settings)
     parent = client.create_run(
         exp_id,

@@ -2,10 +2,8 @@
 
 This module keeps its own state: MLOPS_HOME (and so the lake, MLflow store, artifacts and backups)
 points into a temporary directory while it runs. It trains one small champion there, serves it,
-and removes the Serve application when done. It is named to run after test_training_pipeline.py:
-a training run here also left a registered version in the shared session registry (the Ray
-workers keep the session's MLFLOW_TRACKING_URI in their environment), which broke that module's
-"no champion yet" start.
+and removes the Serve application when done. It runs after the training and serving modules
+(see MODULE_ORDER in conftest.py): they assume the shared session registry starts empty.
 """
 
 from __future__ import annotations

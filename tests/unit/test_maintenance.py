@@ -41,7 +41,7 @@ def test_cleanup_takes_only_old_enough_unprotected_items() -> None:
         Candidate("/tmp/ray/session_old", "ray_session", 100, 10.0),
         Candidate("/h/data/ray_results/hpo-aaaa-1", "tune_results", 50, 30.0),
         Candidate("/h/data/ray_results/hpo-champ-2", "tune_results", 50, 30.0),  # champion's HPO
-        Candidate("/h/data/inference_logs/date=2013-01-01", "inference_logs", 7, 40),
+        Candidate("/h/data/inference_log/date=2013-01-01", "inference_logs", 7, 40),
         Candidate("/h/mlartifacts/models/m-1", "tmp", 99, 100.0),  # holds champion's model
         Candidate("/h/data/curated/dims/s1", "tmp", 5, 100.0),  # a kept backup's source
     ]
@@ -52,7 +52,7 @@ def test_cleanup_takes_only_old_enough_unprotected_items() -> None:
         "/h/data/features/_tmp/abc",
         "/tmp/ray/session_old",
         "/h/data/ray_results/hpo-aaaa-1",
-        "/h/data/inference_logs/date=2013-01-01",
+        "/h/data/inference_log/date=2013-01-01",
     }
     assert {c.path for c in plan.protected} == {
         "/h/data/ray_results/hpo-champ-2",
