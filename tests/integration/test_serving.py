@@ -34,9 +34,9 @@ def served(first_run: PipelineSummary, platform: Runtime) -> PipelineSummary:
     from tasks.promote import serve_champion
 
     settings = load_settings()
-    MlflowClient(settings.mlflow_tracking_uri).set_registered_model_alias(
-        settings.model_name, CHAMPION, first_run.model.version
-    )
+    MlflowClient(
+        settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
+    ).set_registered_model_alias(settings.model_name, CHAMPION, first_run.model.version)
     state = serve_champion(settings)
     assert state.primary_model.version == first_run.model.version
     return first_run
@@ -211,7 +211,7 @@ def second_version(served: PipelineSummary) -> RegisteredModel:
     from mlflow.tracking import MlflowClient
 
     settings = load_settings()
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     base = client.get_model_version(settings.model_name, served.model.version)
     artifacts = client.get_model_version_download_uri(settings.model_name, served.model.version)
     mv = client.create_model_version(settings.model_name, source=artifacts, run_id=base.run_id)
@@ -230,7 +230,7 @@ def test_blue_green_promotion_and_rollback_drop_no_request(served: PipelineSumma
     from tasks.promote import promote, rollback_serving
 
     settings = load_settings()
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     new = second_version(served)
     with Load(requests_for(served, 1)) as load:
         result = promote(
@@ -263,7 +263,7 @@ def test_canary_splits_traffic_then_aborts(served: PipelineSummary) -> None:
     from tasks.promote import finish_canary_serving, promote
 
     settings = load_settings()
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     champion = str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version)
     new = second_version(served)
     result = promote(

@@ -106,7 +106,7 @@ def test_registry_holds_lineage_aliases_and_every_trial(first_run: PipelineSumma
     from mlflow.tracking import MlflowClient
 
     settings = load_settings()
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     name, version = first_run.model.name, first_run.model.version
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == version
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == version
@@ -188,7 +188,7 @@ def test_failed_challenger_never_gets_traffic_or_the_alias(first_run: PipelineSu
     from tasks.promote import promote
 
     settings = load_settings()
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     broken = client.create_model_version(
         settings.model_name, source=posixpath.join(settings.mlflow_artifact_root, "missing")
     )
@@ -269,7 +269,7 @@ def test_same_flow_on_an_s3_lake_switches_the_live_champion(
     assert s.decision.promote and s.serving.model_version == s.model.version
 
     settings = load_settings()
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     name = settings.model_name
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == s.model.version
     assert str(client.get_model_version_by_alias(name, PREVIOUS_CHAMPION).version) == (

@@ -32,8 +32,11 @@ SMALL = {"trials": 2, "max_rounds": 40, "max_concurrent_trials": 2}
 @pytest.fixture(scope="module")
 def home(platform: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """An isolated MLOPS_HOME with a small trained champion, served on the session's Serve."""
+    from ray import serve
+
     from flows.training import training_pipeline
 
+    serve.delete(load_settings().serve_app_name)  # start with nothing served from another home
     path = tmp_path_factory.mktemp("backup-home") / "home"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLOPS_HOME", str(path))
@@ -57,7 +60,9 @@ def live_predictions(settings: Settings, requests: list[dict[str, Any]]) -> tupl
 def aliases(settings: Settings) -> dict[str, str]:
     from mlflow.tracking import MlflowClient
 
-    rm = MlflowClient(settings.mlflow_tracking_uri).get_registered_model(settings.model_name)
+    rm = MlflowClient(
+        settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
+    ).get_registered_model(settings.model_name)
     return {a: str(v) for a, v in rm.aliases.items()}
 
 
