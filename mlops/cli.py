@@ -269,7 +269,7 @@ def summary_lines(summary: Any, settings: Any, embedded: bool, seconds: float) -
     if embedded:
         lines.append(
             "note               embedded mode: Ray and Serve stop now that the run is over. "
-            "Point RAY_ADDRESS at a running cluster to keep serving."
+            "Keep serving with `mlops serve`, or point RAY_ADDRESS at a cluster."
         )
     return lines
 
