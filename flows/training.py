@@ -33,6 +33,7 @@ def training_pipeline(
     promotion_strategy: str = "blue_green",
     canary_share: float = 0.1,
     refresh_cache: bool = False,
+    triggered_by: str = "manual",
 ) -> PipelineSummary:
     """Train, validate, register and (if it wins the gate) serve a flight-delay model."""
     settings = load_settings()
@@ -65,7 +66,7 @@ def training_pipeline(
             ),
         )
     model = register_model.with_options(**cached).submit(
-        settings, tuned, features, report, flow_run.get_id()
+        settings, tuned, features, report, flow_run.get_id(), triggered_by
     )
     decision = evaluate_challenger.submit(
         settings, model, features, GatePolicy(margin=promotion_margin)

@@ -289,6 +289,51 @@ def _start_runtime(debug: bool) -> tuple[Any, Any]:
 
 
 @app.command()
+def deploy(
+    prefect_file: Path = typer.Option(Path("prefect.yaml"), help="The project's deployments."),
+    name: list[str] = typer.Option([], "--name", help="Only this deployment (repeatable)."),
+) -> None:
+    """Register the deployments in prefect.yaml with the server in PREFECT_API_URL.
+
+    Creates the work pools they name when missing, then runs `prefect deploy`. Start a worker
+    afterwards: `prefect worker start --pool <pool>`.
+    """
+    from deployments.deploy import (
+        check_server,
+        ensure_work_pools,
+        load_project,
+        read_deployed,
+        run_prefect_deploy,
+    )
+    from mlops.errors import UserError
+    from mlops.settings import load_settings
+
+    try:
+        specs = load_project(prefect_file)
+        unknown = sorted(set(name) - {s.name for s in specs})
+        if unknown:
+            raise UserError(f"{prefect_file} has no deployment named {', '.join(unknown)}")
+        chosen = [s for s in specs if not name or s.name in name]
+        api_url = check_server(load_settings().prefect_api_url)
+        created = ensure_work_pools({s.work_pool for s in chosen})
+        run_prefect_deploy(prefect_file, name or None)
+        deployed = read_deployed([s.name for s in chosen])
+    except UserError as exc:
+        _fail(_one_line(exc), EXIT_USER)
+    for pool in created:
+        typer.echo(f"created work pool {pool!r} (process)")
+    typer.echo(f"registered {len(deployed)} deployments with {api_url}:")
+    for d in deployed:
+        schedules = ", ".join(d.schedules) or "none"
+        typer.echo(
+            f"  {d.full_name:<34} pool {d.work_pool}  schedule {schedules}  "
+            f"triggers {d.triggers}  concurrency {d.concurrency}"
+        )
+    for pool in sorted({d.work_pool for d in deployed}):
+        typer.echo(f"start a worker: prefect worker start --pool {pool}")
+
+
+@app.command()
 def backup(
     run_date: str | None = typer.Option(
         None, help="Date or ISO timestamp naming the snapshot (default: now, UTC)."

@@ -30,6 +30,7 @@ class Lineage:
     hpo_parent_run_id: str
     best_params: str
     best_valid_auc: float
+    trigger: str  # what started the run: "manual", "schedule", "drift:<event id>"
 
     def tags(self) -> dict[str, str]:
         return {k: str(v) for k, v in self.__dict__.items()}
@@ -41,6 +42,7 @@ def lineage_for(
     tune: TuneResult,
     flow_run_id: str | None,
     code: str,
+    trigger: str = "manual",
 ) -> Lineage:
     return Lineage(
         data_window=f"{validation.start}..{validation.end}",
@@ -52,6 +54,7 @@ def lineage_for(
         hpo_parent_run_id=tune.parent_run_id,
         best_params=json.dumps(tune.best_params, sort_keys=True, default=str),
         best_valid_auc=round(tune.best_metric, 6),
+        trigger=trigger,
     )
 
 
@@ -132,13 +135,14 @@ def register_model(
     features: FeatureSet,
     validation: ValidationReport,
     flow_run_id: str | None,
+    trigger: str = "manual",
 ) -> RegisteredModel:
     """Prefect wrapper: register the search's best model as the new ``challenger``."""
     from prefect import get_run_logger
 
     from mlops.fingerprint import code_version
 
-    lineage = lineage_for(features, validation, tune, flow_run_id, code_version())
+    lineage = lineage_for(features, validation, tune, flow_run_id, code_version(), trigger)
     model = register(settings, tune, features, lineage)
     get_run_logger().info("registered %s version %s as %s", model.name, model.version, CHALLENGER)
     return model
