@@ -27,12 +27,16 @@ def test_entrypoint_is_a_flow_taking_the_declared_parameters(deployment: dict) -
     assert isinstance(flow, Flow)
     accepted = set(inspect.signature(flow.fn).parameters)
     assert set(deployment.get("parameters", {})) <= accepted
+    for schedule in deployment.get("schedules") or []:
+        assert set(schedule.get("parameters", {})) <= accepted
+    for trigger in deployment.get("triggers") or []:
+        assert set(trigger.get("parameters", {})) <= accepted
 
 
 def test_training_deployment_is_declared_with_a_schedule() -> None:
     training = [d for d in DEPLOYMENTS if d["entrypoint"].endswith(":training_pipeline")]
     assert len(training) == 1
-    assert training[0]["concurrency_limit"] == 1
+    assert training[0]["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     assert training[0]["schedules"][0]["cron"]
 
 
