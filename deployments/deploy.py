@@ -147,9 +147,7 @@ def read_deployed(names: list[str]) -> list[DeployedDeployment]:
         out = []
         for d in sorted(deployments, key=lambda d: d.name):
             flow = client.read_flow(d.flow_id)
-            automations = client.read_resource_related_automations(
-                f"prefect.deployment.{d.id}"
-            )
+            automations = client.read_resource_related_automations(f"prefect.deployment.{d.id}")
             options = d.concurrency_options
             out.append(
                 DeployedDeployment(
