@@ -25,6 +25,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from ray import serve
 
+from mlops.serving_state import MODEL_MAX_REPLICAS
+
 log = logging.getLogger(__name__)
 api = FastAPI(title="flights-delay", version="2")
 MAX_ROWS_PER_REQUEST = 10_000
@@ -64,6 +66,7 @@ class ModelConfig:
     storage_options: dict
     promoted_at: str = ""
     use_gpu: bool = False
+    gpu_share: float = 0.1  # of one GPU per replica: a small booster needs little of a device
 
 
 def validate_request(
@@ -95,7 +98,11 @@ def validate_request(
     health_check_period_s=5,
     health_check_timeout_s=30,
     max_ongoing_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": MODEL_MAX_REPLICAS,
+        "target_ongoing_requests": 16,
+    },
     logging_config={"enable_access_log": False, "log_level": "WARNING"},
 )
 class FlightModel:
@@ -333,7 +340,7 @@ def build_app(slots: dict, router_config: dict) -> Any:
     models = {
         name: FlightModel.options(
             name=f"model-{name}",
-            ray_actor_options={"num_cpus": 0.25, "num_gpus": 1 if cfg.use_gpu else 0},
+            ray_actor_options={"num_cpus": 0.25, "num_gpus": cfg.gpu_share if cfg.use_gpu else 0},
         ).bind(asdict(cfg))
         for name, cfg in slots.items()
     }

@@ -63,6 +63,7 @@ def training_pipeline(
                 max_concurrent=max_concurrent_trials,
                 time_limit_s=time_limit_s,
                 max_rounds=max_rounds,
+                gpus_per_trial=settings.tune_gpus_per_trial,
             ),
         )
     model = register_model.with_options(**cached).submit(

@@ -11,6 +11,14 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 SLOTS = ("blue", "green")
+MODEL_MAX_REPLICAS = 2  # per slot (the model deployments' autoscaling ceiling)
+
+
+def serving_gpu_reserve(gpus_per_replica: float) -> float:
+    """GPUs the serving application may hold at its autoscaling ceiling on a GPU cluster."""
+    return len(SLOTS) * MODEL_MAX_REPLICAS * gpus_per_replica
+
+
 STATE_PATH = "serving/state.json"
 
 

@@ -48,6 +48,16 @@ class Settings(BaseSettings):
     serve_host: str = "127.0.0.1"
     serve_port: int = 8000
     serve_app_name: str = "flights"
+    serve_gpus_per_replica: float = Field(
+        default=0.1, ge=0, le=1, description="GPU share of a model replica on a GPU cluster."
+    )
+    serve_proxy_location: str = Field(
+        default="EveryNode",
+        description="Where Serve runs HTTP proxies: EveryNode, HeadOnly (one host, many nodes).",
+    )
+    tune_gpus_per_trial: float = Field(
+        default=1.0, ge=0, description="GPUs a Tune trial asks for on a GPU cluster (0: none)."
+    )
     embedded_prefect: bool = Field(
         default=False,
         description="Set by the runtime when PREFECT_API_URL names a local API it starts itself.",

@@ -150,7 +150,10 @@ def ensure_serve(settings: Settings) -> str:
     """Start Ray Serve's controller and HTTP proxy if they are not running; returns the URL."""
     from ray import serve
 
-    serve.start(http_options={"host": settings.serve_host, "port": settings.serve_port})
+    serve.start(
+        proxy_location=settings.serve_proxy_location,
+        http_options={"host": settings.serve_host, "port": settings.serve_port},
+    )
     return settings.serve_url
 
 
@@ -180,6 +183,7 @@ def model_config(settings: Settings, slot: SlotModel, use_gpu: bool) -> Any:
         storage_options=settings.storage_options,
         promoted_at=slot.promoted_at,
         use_gpu=use_gpu,
+        gpu_share=settings.serve_gpus_per_replica,
     )
 
 

@@ -7,6 +7,7 @@ on CPU with no code change and says so. Every trial is logged to MLflow under on
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import posixpath
@@ -18,6 +19,7 @@ from typing import Any
 
 from mlops.registry import get_or_create_experiment
 from mlops.results import FeatureSet, TuneResult
+from mlops.serving_state import serving_gpu_reserve
 from mlops.settings import Settings
 from mlops.storage import Storage
 from tasks.common import stage
@@ -37,7 +39,12 @@ class TuneBudget:
     report_every: int = 10
     cpus_per_trial: int = 1
     use_gpu: bool = True
+    gpus_per_trial: float = 1.0
     seed: int = 42
+
+
+# The config key that says which accelerator a trial asks Ray for ("gpu" or "cpu").
+ACCELERATOR = "accelerator"
 
 
 def search_space() -> dict[str, Any]:
@@ -102,7 +109,10 @@ def train_trial(
     import xgboost as xgb
     from ray import tune
 
-    device, note = choose_device(ray.get_gpu_ids(), cuda_device_visible())
+    config = {k: v for k, v in config.items() if k != ACCELERATOR}
+    gpu_ids = ray.get_gpu_ids()
+    where = {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": str(gpu_ids)}
+    device, note = choose_device(gpu_ids, cuda_device_visible())
     if "falling back" in note:
         log.warning(note)
     else:
@@ -119,6 +129,7 @@ def train_trial(
                         METRIC: float(evals_log["valid"]["auc"][-1]),
                         "rounds": epoch + 1,
                         "device": device,
+                        **where,
                     }
                 )
             return False
@@ -140,18 +151,79 @@ def train_trial(
                 "rounds": int(booster.best_iteration) + 1,
                 "device": device,
                 "completed": 1,
+                **where,
             },
             checkpoint=tune.Checkpoint.from_directory(tmp),
         )
 
 
-def gpus_per_trial(budget: TuneBudget, cluster_gpus: float) -> float:
-    """One GPU per trial when the cluster declares any (and the budget allows), else none."""
-    return 1.0 if budget.use_gpu and cluster_gpus >= 1 else 0.0
+def gpu_slots(budget: TuneBudget, cluster_gpus: float) -> int:
+    """How many trials may hold a GPU at once: the cluster's GPUs over the per-trial share."""
+    if not budget.use_gpu or budget.gpus_per_trial <= 0:
+        return 0
+    return int(cluster_gpus // budget.gpus_per_trial + 1e-9)
 
 
-def run_search(storage: Storage, features: FeatureSet, budget: TuneBudget) -> tuple[Any, float]:
-    """Run the Tune experiment; returns (ResultGrid, gpus per trial)."""
+def pick_accelerator(trials_on_gpu: int, slots: int) -> str:
+    """GPU first: a new trial takes a GPU while one is free, otherwise it runs on CPU."""
+    return "gpu" if trials_on_gpu < slots else "cpu"
+
+
+def trial_resources(config: dict[str, Any], budget: TuneBudget) -> Any:
+    """What a trial asks Ray for; a GPU request makes Ray place it on a GPU node."""
+    from ray.tune import PlacementGroupFactory
+
+    bundle: dict[str, float] = {"CPU": float(budget.cpus_per_trial)}
+    if config.get(ACCELERATOR) == "gpu":
+        bundle["GPU"] = budget.gpus_per_trial
+    return PlacementGroupFactory([bundle])
+
+
+def accelerator_searcher(searcher: Any, slots: int) -> Any:
+    """Wrap a Tune searcher so that each suggested config names its trial's accelerator.
+
+    On a cluster with GPU workers, the first trials fill the GPU slots and the others run on
+    the CPU nodes at the same time, instead of every trial queueing for the GPUs.
+    """
+    from ray.tune.search import Searcher
+
+    class AcceleratorAssigner(Searcher):
+        def __init__(self) -> None:
+            super().__init__(metric=searcher.metric, mode=searcher.mode)
+            self.searcher = searcher
+            self.on_gpu: set[str] = set()
+
+        def set_search_properties(
+            self, metric: str | None, mode: str | None, config: dict, **spec: Any
+        ) -> bool:
+            self._metric, self._mode = metric, mode
+            return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+        def suggest(self, trial_id: str) -> Any:
+            config = self.searcher.suggest(trial_id)
+            if not isinstance(config, dict):
+                return config  # None (wait) or Searcher.FINISHED
+            accelerator = pick_accelerator(len(self.on_gpu), slots)
+            if accelerator == "gpu":
+                self.on_gpu.add(trial_id)
+            return {**config, ACCELERATOR: accelerator}
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            self.searcher.on_trial_result(trial_id, result)
+
+        def on_trial_complete(
+            self, trial_id: str, result: dict | None = None, error: bool = False
+        ) -> None:
+            self.on_gpu.discard(trial_id)
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    return AcceleratorAssigner()
+
+
+def run_search(
+    storage: Storage, features: FeatureSet, budget: TuneBudget, reserved_gpus: float = 0.0
+) -> tuple[Any, int]:
+    """Run the Tune experiment; returns (ResultGrid, trials that may hold a GPU at once)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -159,14 +231,17 @@ def run_search(storage: Storage, features: FeatureSet, budget: TuneBudget) -> tu
 
     from tasks.transform import read_split
 
-    gpus = gpus_per_trial(budget, ray.cluster_resources().get("GPU", 0))
+    # GPUs the serving application may hold are not counted on: a trial waiting for one would
+    # wait for ever.
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    slots = gpu_slots(budget, cluster_gpus - reserved_gpus if cluster_gpus else 0)
     train = read_split(storage, features, "train")
     valid = read_split(storage, features, "valid")
     trainable = tune.with_resources(
         tune.with_parameters(
             train_trial, train=train, valid=valid, features=features, budget=budget
         ),
-        {"cpu": budget.cpus_per_trial, "gpu": gpus},
+        functools.partial(trial_resources, budget=budget),
     )
     max_t = budget.max_rounds // budget.report_every + 1
     tuner = tune.Tuner(
@@ -175,7 +250,7 @@ def run_search(storage: Storage, features: FeatureSet, budget: TuneBudget) -> tu
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode="max",
-            search_alg=OptunaSearch(seed=budget.seed),
+            search_alg=accelerator_searcher(OptunaSearch(seed=budget.seed), slots),
             scheduler=ASHAScheduler(max_t=max_t, grace_period=3, reduction_factor=3),
             num_samples=budget.num_samples,
             max_concurrent_trials=budget.max_concurrent,
@@ -190,11 +265,11 @@ def run_search(storage: Storage, features: FeatureSet, budget: TuneBudget) -> tu
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
-    return tuner.fit(), gpus
+    return tuner.fit(), slots
 
 
 def log_trials_to_mlflow(
-    grid: Any, settings: Settings, features: FeatureSet, budget: TuneBudget, gpus: float
+    grid: Any, settings: Settings, features: FeatureSet, budget: TuneBudget, gpu_slots: int
 ) -> tuple[str, str]:
     """One parent run for the search, one child run per trial with its params and metric curve."""
     import time
@@ -213,7 +288,7 @@ def log_trials_to_mlflow(
     client.log_batch(
         pid,
         params=[Param(k, str(v)) for k, v in asdict(budget).items()]
-        + [Param("gpus_per_trial", str(gpus)), Param("features_uri", features.uri)],
+        + [Param("gpu_trial_slots", str(gpu_slots)), Param("features_uri", features.uri)],
     )
     now = int(time.time() * 1000)
     for i, result in enumerate(grid):
@@ -229,13 +304,16 @@ def log_trials_to_mlflow(
         ]
         tags = [
             RunTag("device", str(final.get("device", "unknown"))),
+            RunTag("accelerator", str((result.config or {}).get(ACCELERATOR, "cpu"))),
+            RunTag("node_id", str(final.get("node_id", "unknown"))),
+            RunTag("gpu_ids", str(final.get("gpu_ids", "[]"))),
             RunTag("stopped_early", str(not final.get("completed"))),
         ]
         if result.error:
             tags.append(RunTag("error", str(result.error).splitlines()[0][:500]))
         client.log_batch(
             cid,
-            params=[Param(k, str(v)) for k, v in (result.config or {}).items()],
+            params=[Param(k, str(v)) for k, v in (result.config or {}).items() if k != ACCELERATOR],
             metrics=metrics,
             tags=tags,
         )
@@ -271,11 +349,12 @@ def pick_best(grid: Any) -> Any:
 
 def tune_model(settings: Settings, features: FeatureSet, budget: TuneBudget) -> TuneResult:
     storage = Storage(settings.storage_root, settings.storage_options)
-    grid, gpus = run_search(storage, features, budget)
-    pid, exp_id = log_trials_to_mlflow(grid, settings, features, budget, gpus)
+    reserve = serving_gpu_reserve(settings.serve_gpus_per_replica)
+    grid, slots = run_search(storage, features, budget, reserve)
+    pid, exp_id = log_trials_to_mlflow(grid, settings, features, budget, slots)
     best = pick_best(grid)
     return TuneResult(
-        best_params={k: v for k, v in best.config.items()},
+        best_params={k: v for k, v in best.config.items() if k != ACCELERATOR},
         best_metric=float(best.metrics[METRIC]),
         metric_name=METRIC,
         trial_count=len(grid),

@@ -45,12 +45,54 @@ def test_device_choice(gpus: list[int], visible: bool, device: str, note: str) -
 
 
 @pytest.mark.parametrize(
-    ("use_gpu", "cluster_gpus", "expected"),
-    [(True, 0, 0.0), (True, 1, 1.0), (True, 4, 1.0), (False, 4, 0.0), (True, 0.5, 0.0)],
+    ("use_gpu", "per_trial", "cluster_gpus", "expected"),
+    [
+        (True, 1.0, 0, 0),
+        (True, 1.0, 1, 1),
+        (True, 1.0, 4, 4),
+        (False, 1.0, 4, 0),
+        (True, 1.0, 0.5, 0),
+        (True, 0.5, 1, 2),
+        (True, 0.0, 4, 0),
+    ],
 )
-def test_trials_ask_for_a_gpu_only_when_the_cluster_has_one(
-    use_gpu: bool, cluster_gpus: float, expected: float
+def test_gpu_slots_are_the_cluster_gpus_over_the_per_trial_share(
+    use_gpu: bool, per_trial: float, cluster_gpus: float, expected: int
 ) -> None:
-    from tasks.tune import TuneBudget, gpus_per_trial
+    from tasks.tune import TuneBudget, gpu_slots
 
-    assert gpus_per_trial(TuneBudget(use_gpu=use_gpu), cluster_gpus) == expected
+    budget = TuneBudget(use_gpu=use_gpu, gpus_per_trial=per_trial)
+    assert gpu_slots(budget, cluster_gpus) == expected
+
+
+def test_gpu_trials_fill_the_gpu_slots_and_the_rest_run_on_cpu() -> None:
+    """The searcher wrapper: GPU while a slot is free; a finished GPU trial frees its slot."""
+    from ray.tune.search import Searcher
+
+    from tasks.tune import ACCELERATOR, TuneBudget, accelerator_searcher, trial_resources
+
+    class Counting(Searcher):
+        def __init__(self) -> None:
+            super().__init__(metric="m", mode="max")
+            self.completed: list[str] = []
+
+        def suggest(self, trial_id: str) -> dict:
+            return {"eta": 0.1}
+
+        def on_trial_complete(
+            self, trial_id: str, result: dict | None = None, error: bool = False
+        ) -> None:
+            self.completed.append(trial_id)
+
+    inner = Counting()
+    wrapped = accelerator_searcher(inner, slots=1)
+    first, second = wrapped.suggest("t1"), wrapped.suggest("t2")
+    assert (first[ACCELERATOR], second[ACCELERATOR]) == ("gpu", "cpu")
+    assert first["eta"] == 0.1
+    wrapped.on_trial_complete("t1", {"m": 0.7})
+    assert inner.completed == ["t1"]
+    assert wrapped.suggest("t3")[ACCELERATOR] == "gpu"
+    budget = TuneBudget(cpus_per_trial=1, gpus_per_trial=0.5)
+    assert trial_resources({ACCELERATOR: "gpu"}, budget).bundles == [{"CPU": 1.0, "GPU": 0.5}]
+    assert trial_resources({ACCELERATOR: "cpu"}, budget).bundles == [{"CPU": 1.0}]
+    assert accelerator_searcher(Counting(), slots=0).suggest("t")[ACCELERATOR] == "cpu"
