@@ -128,7 +128,7 @@ def _connect_ray(settings: Any, address: str | None) -> None:
 
     kwargs = ray_init_kwargs(settings, None)
     kwargs.pop("address", None)
-    if address:
+    if address and address != "local":
         kwargs.pop("include_dashboard", None)
         kwargs.pop("num_cpus", None)
     ray.init(address, **kwargs)
@@ -173,7 +173,7 @@ def serve(
 
     settings = load_settings()
     try:
-        _connect_ray(settings, settings.ray_address)
+        _connect_ray(settings, settings.ray_address or "local")
         from tasks.promote import serve_champion
 
         state = serve_champion(settings)

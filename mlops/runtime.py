@@ -79,6 +79,8 @@ def ray_init_kwargs(settings: Settings, prefect_api_url: str | None) -> dict[str
     if settings.ray_address:
         kwargs["address"] = settings.ray_address
     else:
+        # A new local instance, never one that `ray start` left running on this machine.
+        kwargs["address"] = "local"
         kwargs["include_dashboard"] = False
         if settings.ray_num_cpus:
             kwargs["num_cpus"] = settings.ray_num_cpus

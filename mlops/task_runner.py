@@ -29,7 +29,11 @@ class MlopsRayTaskRunner(RayTaskRunner):
         if not ray.is_initialized():
             settings = load_settings()
             kwargs = ray_init_kwargs(settings, current_prefect_api_url())
-            self.address = kwargs.pop("address", None)
+            address = kwargs.pop("address", None)
+            if address == "local":
+                self.address, kwargs["address"] = None, address  # logged as a new instance
+            else:
+                self.address = address
             self.init_kwargs = kwargs
         return super().__enter__()
 

@@ -217,6 +217,19 @@ def accelerator_searcher(searcher: Any, slots: int) -> Any:
             self.on_gpu.discard(trial_id)
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
+        # Tune checkpoints the searcher chain: this wrapper's own state, the inner one's file.
+        def get_state(self) -> dict:
+            return {"on_gpu": sorted(self.on_gpu)}
+
+        def set_state(self, state: dict) -> None:
+            self.on_gpu = set(state.get("on_gpu", ()))
+
+        def save(self, checkpoint_path: str) -> None:
+            self.searcher.save(checkpoint_path)
+
+        def restore(self, checkpoint_path: str) -> None:
+            self.searcher.restore(checkpoint_path)
+
     return AcceleratorAssigner()
 
 

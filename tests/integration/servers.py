@@ -63,7 +63,9 @@ def wait_http(url: str, proc: Process, timeout: float = 120) -> None:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    """This process's environment without the test session's own Prefect and mlops state."""
+    own = ("PYTEST_", "PREFECT_", "MLOPS_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
     env.update(extra)
     return env
 
@@ -97,5 +99,112 @@ def prefect_worker(pool: str, env: dict[str, str], log_dir: Path) -> Iterator[Pr
     proc = Process(f"worker-{pool}", cmd, env, log_dir)
     try:
         yield proc
+    finally:
+        proc.stop()
+
+
+def kill_tree_matching(marker: str, timeout: float = 15) -> None:
+    """Stop every process whose command line names ``marker``, with their children.
+
+    ``ray stop`` would also stop every other Ray on the machine (another test session's, say).
+    """
+    import psutil
+
+    found = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any(marker in part for part in (p.info["cmdline"] or []))
+    ]
+    procs = set(found)
+    for p in found:
+        try:
+            procs.update(p.children(recursive=True))
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(procs), timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def ray_node_args(temp_dir: str, gpus: int, cpus: int, index: int) -> list[str]:
+    ports = [free_port() for _ in range(5)]
+    workers = 31000 + 200 * index
+    return [
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={cpus}",
+        f"--num-gpus={gpus}",
+        "--object-store-memory=400000000",
+        "--disable-usage-stats",
+        f"--node-manager-port={ports[0]}",
+        f"--object-manager-port={ports[1]}",
+        f"--dashboard-agent-listen-port={ports[2]}",
+        f"--metrics-export-port={ports[3]}",
+        f"--runtime-env-agent-port={ports[4]}",
+        f"--min-worker-port={workers}",
+        f"--max-worker-port={workers + 199}",
+    ]
+
+
+@contextmanager
+def ray_cluster(env: dict[str, str], cpus_per_node: int = 2) -> Iterator[str]:
+    """A head node and a worker node that declares one GPU, as `ray start` processes.
+
+    Each node gets its own ports; the cluster its own temp dir (so it is found and stopped by
+    that, not by ``ray stop``). Returns the head's GCS address for ``RAY_ADDRESS``.
+    """
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: socket paths have a limit
+    port = free_port()
+    ray = str(BIN / "ray")
+    head = [ray, "start", "--head", f"--port={port}", "--include-dashboard=false"]
+    head += [f"--ray-client-server-port={free_port()}"]
+    worker = [ray, "start", f"--address=127.0.0.1:{port}"]
+    try:
+        for cmd in (
+            head + ray_node_args(temp_dir, gpus=0, cpus=cpus_per_node, index=0),
+            worker + ray_node_args(temp_dir, gpus=1, cpus=cpus_per_node, index=1),
+        ):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{done.stderr[-2000:]}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        kill_tree_matching(temp_dir)
+
+
+@contextmanager
+def mlflow_server(
+    backend_uri: str, artifacts: str, env: dict[str, str], log_dir: Path
+) -> Iterator[str]:
+    """`mlflow server` on PostgreSQL, proxying artifacts to S3."""
+    port = free_port()
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    proc = Process("mlflow-server", cmd, env, log_dir)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=180)
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.stop()

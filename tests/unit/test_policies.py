@@ -92,6 +92,9 @@ def test_gpu_trials_fill_the_gpu_slots_and_the_rest_run_on_cpu() -> None:
     wrapped.on_trial_complete("t1", {"m": 0.7})
     assert inner.completed == ["t1"]
     assert wrapped.suggest("t3")[ACCELERATOR] == "gpu"
+    assert wrapped.get_state() == {"on_gpu": ["t3"]}  # Tune checkpoints the searcher chain
+    wrapped.set_state({"on_gpu": []})
+    assert wrapped.suggest("t4")[ACCELERATOR] == "gpu"
     budget = TuneBudget(cpus_per_trial=1, gpus_per_trial=0.5)
     assert trial_resources({ACCELERATOR: "gpu"}, budget).bundles == [{"CPU": 1.0, "GPU": 0.5}]
     assert trial_resources({ACCELERATOR: "cpu"}, budget).bundles == [{"CPU": 1.0}]
