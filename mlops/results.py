@@ -142,3 +142,113 @@ class PipelineSummary:
     decision: PromotionDecision
     serving: ServingResult
     flow_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    """One feature's drift figures: PSI always, KS for numeric features, missing shares."""
+
+    feature: str
+    kind: str  # "numeric" or "categorical"
+    psi: float
+    ks_statistic: float | None
+    ks_pvalue: float | None
+    reference_missing: float
+    current_missing: float
+    drifted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """Reference vs current window: the per-feature table and one verdict with its reason.
+
+    ``verdict`` is ``drift``, ``no_drift`` or ``no_data`` (too few rows to judge).
+    """
+
+    verdict: str
+    reason: str
+    features: tuple[FeatureDrift, ...]
+    reference_rows: int
+    current_rows: int
+    reference_positive_rate: float | None
+    current_positive_rate: float | None
+    positive_rate_drifted: bool
+    excluded_features: tuple[str, ...] = ()
+
+    @property
+    def drift_detected(self) -> bool:
+        return self.verdict == "drift"
+
+    @property
+    def drifted_features(self) -> tuple[str, ...]:
+        return tuple(f.feature for f in self.features if f.drifted)
+
+    @property
+    def positive_rate_delta(self) -> float | None:
+        if self.reference_positive_rate is None or self.current_positive_rate is None:
+            return None
+        return self.current_positive_rate - self.reference_positive_rate
+
+    def scores(self) -> dict[str, float]:
+        """Flat figures for an event payload: PSI and KS statistic per feature, rates, counts."""
+        out: dict[str, float] = {
+            "drifted_features": float(len(self.drifted_features)),
+            "max_psi": max((f.psi for f in self.features), default=0.0),
+        }
+        for name, value in (
+            ("positive_rate_reference", self.reference_positive_rate),
+            ("positive_rate_current", self.current_positive_rate),
+            ("positive_rate_delta", self.positive_rate_delta),
+        ):
+            if value is not None:
+                out[name] = value
+        for f in self.features:
+            out[f"psi_{f.feature}"] = f.psi
+            if f.ks_statistic is not None:
+                out[f"ks_{f.feature}"] = f.ks_statistic
+        return {k: round(float(v), 6) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class ChampionReference:
+    """The champion and, from its lineage, the feature snapshot it was trained on."""
+
+    model_name: str
+    version: str
+    run_id: str
+    features_uri: str
+    data_window: str
+
+
+@dataclass(frozen=True)
+class DriftCheck:
+    """What one drift check compared, over which window, and what it found."""
+
+    champion: ChampionReference
+    source: str
+    window_start: str | None
+    window_end: str | None
+    report: DriftReport
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AlertOutcome:
+    """Whether the drift event went out: ``emitted``, ``suppressed``, ``disabled`` or ``none``."""
+
+    action: str
+    reason: str
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class DriftCheckResult:
+    check: DriftCheck
+    alert: AlertOutcome
+    artifact_key: str
+    flow_run_id: str | None = None
+
+    @property
+    def drift_detected(self) -> bool:
+        return self.check.report.drift_detected
