@@ -452,5 +452,66 @@ def main() -> None:
     app()
 
 
+# --- mlops webhook: the signed drift-alert receiver (deployments/webhook.py) --------------------
+
+
+@app.command()
+def webhook(
+    host: str | None = typer.Option(None, help="Address to listen on [MLOPS_WEBHOOK_HOST]."),
+    port: int | None = typer.Option(
+        None, min=0, max=65535, help="Port; 0 picks a free one [MLOPS_WEBHOOK_PORT, 8787]."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Receive signed drift alerts on POST /hooks/drift and emit them as Prefect events.
+
+    Secret: MLOPS_WEBHOOK_SECRET, or a Prefect Secret block named by MLOPS_WEBHOOK_SECRET_BLOCK.
+    Events go to the Prefect server at PREFECT_API_URL.
+    """
+    from pydantic import ValidationError
+
+    from mlops.errors import UserError
+    from mlops.runtime import prepare_process
+    from mlops.settings import load_settings
+
+    try:
+        settings = load_settings(webhook_host=host, webhook_port=port)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        _fail(f"configuration: {'.'.join(map(str, first['loc']))}: {first['msg']}", EXIT_USER)
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+    if not secret.strip() and not settings.webhook_secret_block:
+        _fail(
+            "mlops webhook needs a shared secret: set MLOPS_WEBHOOK_SECRET, or "
+            "MLOPS_WEBHOOK_SECRET_BLOCK to the name of a Prefect Secret block",
+            EXIT_USER,
+        )
+    if not settings.prefect_api_url:
+        _fail(
+            "mlops webhook needs PREFECT_API_URL, the Prefect server whose deployment trigger "
+            "starts retraining (it does not start a temporary one)",
+            EXIT_USER,
+        )
+    try:
+        prepare_process(settings, launch_api=False)  # the env Prefect must see, then import it
+        from deployments import webhook as hook
+        from mlops.events import emit_drift
+
+        hook.check_prefect_api(settings.prefect_api_url)  # imports Prefect's client now
+        config = hook.WebhookConfig.from_settings(settings, hook.load_secret(settings))
+        sock = hook.listen(settings.webhook_host, settings.webhook_port)
+    except UserError as exc:
+        if debug:
+            raise
+        _fail(_one_line(exc), EXIT_USER)
+    bound_host, bound_port = sock.getsockname()[:2]
+    host_text = f"[{bound_host}]" if ":" in bound_host else bound_host
+    typer.echo(
+        f"mlops webhook: listening on http://{host_text}:{bound_port}{hook.HOOK_PATH} "
+        f"(health {hook.HEALTH_PATH}; events to {settings.prefect_api_url})"
+    )
+    hook.serve(hook.DriftWebhook(config, emit_drift), sock)
+
+
 if __name__ == "__main__":
     sys.exit(main())

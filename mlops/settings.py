@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -75,6 +75,22 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MLOPS_DR_ROOT", "MLOPS_DR_POINTER_ROOT"),
         description="Disaster-recovery checkpoint (pointer to the latest good backup). "
         "Default: <home>/dr.",
+    )
+    # The drift webhook (deployments/webhook.py, `mlops webhook`).
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Shared HMAC-SHA256 secret of the drift webhook."
+    )
+    webhook_secret_block: str | None = Field(
+        default=None, description="Name of a Prefect Secret block holding that secret instead."
+    )
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = Field(default=8787, ge=0, le=65535)
+    webhook_max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    webhook_replay_window_s: int = Field(
+        default=300, gt=0, description="Accepted clock skew; a signature is accepted once in it."
+    )
+    webhook_cooldown_s: int = Field(
+        default=3600, gt=0, description="The same alert id inside it emits one drift event."
     )
 
     @model_validator(mode="after")
