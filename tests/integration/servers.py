@@ -64,7 +64,7 @@ def wait_http(url: str, proc: Process, timeout: float = 120) -> None:
 
 def base_env(**extra: str) -> dict[str, str]:
     """This process's environment without the test session's own Prefect and mlops state."""
-    own = ("PYTEST_", "PREFECT_", "MLOPS_")
+    own = ("PYTEST_", "PREFECT_", "MLOPS_", "MLFLOW_", "RAY_ADDRESS")  # mlflow exports its URI
     env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
     env.update(extra)
     return env
