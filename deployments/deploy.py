@@ -12,7 +12,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -28,9 +27,6 @@ class DeploymentSpec:
     name: str
     entrypoint: str
     work_pool: str
-    crons: tuple[tuple[str, str], ...]  # (cron, timezone)
-    triggers: int
-    parameters: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -52,26 +48,13 @@ def load_project(prefect_file: Path) -> list[DeploymentSpec]:
         raise UserError(f"{prefect_file}: no such file") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{prefect_file}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    deployments = (doc or {}).get("deployments") if isinstance(doc, dict) else None
+    deployments = doc.get("deployments") if isinstance(doc, dict) else None
     if not deployments:
         raise UserError(f"{prefect_file}: declares no deployments")
     specs = []
     for d in deployments:
         try:
-            specs.append(
-                DeploymentSpec(
-                    name=d["name"],
-                    entrypoint=d["entrypoint"],
-                    work_pool=d["work_pool"]["name"],
-                    crons=tuple(
-                        (s["cron"], s.get("timezone", "UTC"))
-                        for s in d.get("schedules") or []
-                        if "cron" in s
-                    ),
-                    triggers=len(d.get("triggers") or []),
-                    parameters=dict(d.get("parameters") or {}),
-                )
-            )
+            specs.append(DeploymentSpec(d["name"], d["entrypoint"], d["work_pool"]["name"]))
         except (KeyError, TypeError) as exc:
             name = d.get("name", "?") if isinstance(d, dict) else "?"
             raise UserError(f"{prefect_file}: deployment {name!r} lacks {exc}") from None

@@ -34,6 +34,7 @@ from mlops.results import (
 from mlops.settings import Settings
 from mlops.storage import Storage
 from tasks.common import stage
+from tasks.ingest import parse_date
 
 INFERENCE_LOG = "inference_log"
 PREDICTION = "probability_late"  # the inference log's column; reference and raw data get scored
@@ -284,15 +285,6 @@ def assess_drift(
     )
 
 
-def parse_day(value: str | dt.date, name: str) -> dt.date:
-    if isinstance(value, dt.date):
-        return value
-    try:
-        return dt.date.fromisoformat(str(value).strip())
-    except ValueError:
-        raise UserError(f"{name} {value!r} is not a date (use YYYY-MM-DD)") from None
-
-
 def resolve_window(
     start: str | None, end: str | None, window_days: int, latest: dt.date | None
 ) -> tuple[dt.date, dt.date] | None:
@@ -304,8 +296,8 @@ def resolve_window(
     if window_days < 1:
         raise UserError(f"window_days must be >= 1, got {window_days}")
     span = dt.timedelta(days=window_days - 1)
-    lo = parse_day(start, "start") if start else None
-    hi = parse_day(end, "end") if end else None
+    lo = parse_date(start, "start") if start else None
+    hi = parse_date(end, "end") if end else None
     if lo and hi:
         if hi < lo:
             raise UserError(f"empty drift window: end {hi} is before start {lo}")

@@ -62,18 +62,19 @@ class SourceTables:
     planes: pd.DataFrame
 
 
+def parse_date(value: str | dt.date, name: str) -> dt.date:
+    """A YYYY-MM-DD date; anything else is a one-line user error naming ``name``."""
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value).strip())
+    except ValueError:
+        raise UserError(f"{name} {value!r} is not a date (use YYYY-MM-DD)") from None
+
+
 def parse_window(start: str | dt.date, end: str | dt.date) -> Window:
     """Parse an inclusive date window; reject unparseable or inverted ranges."""
-
-    def one(value: str | dt.date, name: str) -> dt.date:
-        if isinstance(value, dt.date):
-            return value
-        try:
-            return dt.date.fromisoformat(str(value).strip())
-        except ValueError:
-            raise UserError(f"--{name} {value!r} is not a date (use YYYY-MM-DD)") from None
-
-    window = Window(one(start, "start"), one(end, "end"))
+    window = Window(parse_date(start, "--start"), parse_date(end, "--end"))
     if window.end < window.start:
         raise UserError(f"empty date range: --end {window.end} is before --start {window.start}")
     return window

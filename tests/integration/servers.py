@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -208,3 +209,51 @@ def mlflow_server(
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.stop()
+
+
+@contextmanager
+def prefect_client(api_url: str) -> Iterator[Any]:
+    """A Prefect client for ``api_url`` (this test process's default API is the session's)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        yield client
+
+
+def run_deployment_on_a_worker(
+    name: str, params: dict[str, Any], env: dict[str, str], log_dir: Path, timeout: float
+) -> Any:
+    """`prefect deployment run NAME --param k=v ...`, then a process worker runs it to the end.
+
+    Returns the flow run as the server holds it once it reached a final state.
+    """
+    args = [a for k, v in params.items() for a in ("--param", f"{k}={v}")]
+    started = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", name, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stderr
+    run_id = next(
+        line.split("UUID:")[1].strip() for line in started.stdout.splitlines() if "UUID:" in line
+    )
+    pool = _pool_of(env, run_id)
+    with prefect_worker(pool, env, log_dir) as worker:
+        deadline = time.monotonic() + timeout
+        while True:
+            with prefect_client(env["PREFECT_API_URL"]) as client:
+                flow_run = client.read_flow_run(run_id)
+            if flow_run.state.is_final() or time.monotonic() > deadline:
+                break
+            worker.check_alive()
+            time.sleep(1)
+        assert flow_run.state.is_completed(), f"{flow_run.state!r}\n{worker.log_tail(60)}"
+    return flow_run
+
+
+def _pool_of(env: dict[str, str], run_id: str) -> str:
+    with prefect_client(env["PREFECT_API_URL"]) as client:
+        return str(client.read_flow_run(run_id).work_pool_name)

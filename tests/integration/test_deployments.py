@@ -11,7 +11,6 @@ import secrets
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,13 @@ import pytest
 import yaml
 
 from mlops.runtime import free_port
-from tests.integration.servers import BIN, base_env, prefect_server, prefect_worker
+from tests.integration.servers import (
+    BIN,
+    base_env,
+    prefect_client,
+    prefect_server,
+    run_deployment_on_a_worker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,16 +56,6 @@ def user_env(server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return env
 
 
-@contextmanager
-def client(url: str) -> Iterator[Any]:
-    """A Prefect client for this server (this process's default API is the session's)."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as c:
-        yield c
-
-
 def mlops(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "mlops"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
@@ -76,14 +71,14 @@ def deployed(user_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def deployments_by_name(url: str) -> dict[str, Any]:
-    with client(url) as c:
+    with prefect_client(url) as c:
         return {d.name: d for d in c.read_deployments()}
 
 
 def flow_runs(url: str, deployment_id: Any) -> list[Any]:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    with client(url) as c:
+    with prefect_client(url) as c:
         return c.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
         )
@@ -95,7 +90,7 @@ def test_deploy_registers_every_deployment_and_creates_the_pool(
     assert "created work pool 'mlops-process'" in deployed.stdout
     held = deployments_by_name(server)
     assert set(held) == {d["name"] for d in SPEC}
-    with client(server) as c:
+    with prefect_client(server) as c:
         for d in SPEC:
             dep = held[d["name"]]
             assert dep.work_pool_name == d["work_pool"]["name"]
@@ -116,8 +111,9 @@ def test_deploy_is_idempotent(
     assert again.returncode == 0, again.stderr
     assert "created work pool" not in again.stdout
     assert {n: d.id for n, d in deployments_by_name(server).items()} == before
-    with client(server) as c:
-        assert len(c.read_flow_runs()) == len({r.id for r in c.read_flow_runs()})
+    training = deployments_by_name(server)[TRAINING["name"]]
+    with prefect_client(server) as c:  # a re-deploy must not add a second trigger
+        assert len(c.read_resource_related_automations(f"prefect.deployment.{training.id}")) == 1
 
 
 def test_deploy_without_a_reachable_server_is_one_line_exit_2(user_env: dict[str, str]) -> None:
@@ -191,7 +187,7 @@ def test_training_trigger_is_an_event_trigger_on_drift(
     deployed: subprocess.CompletedProcess[str], server: str
 ) -> None:
     dep = deployments_by_name(server)[TRAINING["name"]]
-    with client(server) as c:
+    with prefect_client(server) as c:
         automations = c.read_resource_related_automations(f"prefect.deployment.{dep.id}")
     assert len(automations) == 1
     trigger = automations[0].trigger
@@ -336,7 +332,7 @@ def test_concurrency_limit_cancels_a_second_training_run(
     from prefect.states import Completed, Pending, Running
 
     dep = deployments_by_name(server)[TRAINING["name"]]
-    with client(server) as c:
+    with prefect_client(server) as c:
         first = c.create_flow_run_from_deployment(dep.id, tags=["concurrency-test"])
         second = c.create_flow_run_from_deployment(dep.id, tags=["concurrency-test"])
         assert c.set_flow_run_state(first.id, Pending()).state.is_pending()
@@ -357,48 +353,21 @@ def test_a_deployment_run_started_by_name_completes_on_a_worker(
     tmp_path: Path,
 ) -> None:
     """`prefect deployment run` with an override, executed by a process worker, to the end."""
-    with client(server) as c:  # nothing else may reach the worker meanwhile
+    with prefect_client(server) as c:  # nothing else may reach the worker meanwhile
         for dep in c.read_deployments():
             for schedule in dep.schedules:
                 c.update_deployment_schedule(dep.id, schedule.id, active=False)
         for run in c.read_flow_runs():
             if run.state and run.state.is_scheduled():
                 c.delete_flow_run(run.id)
-    started = subprocess.run(
-        [
-            str(BIN / "prefect"),
-            "deployment",
-            "run",
-            f"training-pipeline/{TRAINING['name']}",
-            "--param",
-            "trials=2",
-            "--param",
-            "max_rounds=40",
-            "--param",
-            "start=2013-03-01",
-            "--param",
-            "end=2013-03-14",
-        ],
-        cwd=ROOT,
-        env=user_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = run_deployment_on_a_worker(
+        f"training-pipeline/{TRAINING['name']}",
+        {"trials": 2, "max_rounds": 40, "start": "2013-03-01", "end": "2013-03-14"},
+        user_env,
+        tmp_path,
+        timeout=300,
     )
-    assert started.returncode == 0, started.stderr
-    run_id = next(
-        line.split("UUID:")[1].strip() for line in started.stdout.splitlines() if "UUID:" in line
-    )
-    with prefect_worker(TRAINING["work_pool"]["name"], user_env, tmp_path) as worker:
-        deadline = time.monotonic() + 300
-        while True:
-            with client(server) as c:
-                run = c.read_flow_run(run_id)
-            if run.state.is_final() or time.monotonic() > deadline:
-                break
-            worker.check_alive()
-            time.sleep(1)
-        assert run.state.is_completed(), f"{run.state!r}\n{worker.log_tail(40)}"
+    run_id = str(run.id)
     assert run.parameters["trials"] == 2 and run.parameters["start"] == "2013-03-01"
     from mlflow.tracking import MlflowClient
 

@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ from tests.integration.servers import (
     base_env,
     mlflow_server,
     prefect_server,
-    prefect_worker,
     ray_cluster,
+    run_deployment_on_a_worker,
 )
 
 pytestmark = pytest.mark.integration
@@ -162,41 +161,15 @@ def training_run(production: Production) -> dict[str, Any]:
     env = production.env
     deployed = run(env, str(BIN / "mlops"), "deploy")
     assert deployed.returncode == 0, deployed.stderr
-    started = run(
-        env,
-        str(BIN / "prefect"),
-        "deployment",
-        "run",
+    params = {"start": WINDOW[0], "end": WINDOW[1], "trials": 4, "max_concurrent_trials": 2}
+    flow_run = run_deployment_on_a_worker(
         "training-pipeline/training",
-        "--param",
-        f"start={WINDOW[0]}",
-        "--param",
-        f"end={WINDOW[1]}",
-        "--param",
-        "trials=4",
-        "--param",
-        "max_concurrent_trials=2",
-        "--param",
-        "max_rounds=40",
+        {**params, "max_rounds": 40},
+        env,
+        production.log_dir,
+        timeout=420,
     )
-    assert started.returncode == 0, started.stderr
-    run_id = next(
-        ln.split("UUID:")[1].strip() for ln in started.stdout.splitlines() if "UUID:" in ln
-    )
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with prefect_worker("mlops-process", env, production.log_dir) as worker:
-        deadline = time.monotonic() + 420
-        while True:
-            with temporary_settings({PREFECT_API_URL: production.prefect_url}):
-                with get_client(sync_client=True) as client:
-                    flow_run = client.read_flow_run(run_id)
-            if flow_run.state.is_final() or time.monotonic() > deadline:
-                break
-            worker.check_alive()
-            time.sleep(2)
-        assert flow_run.state.is_completed(), f"{flow_run.state!r}\n{worker.log_tail(60)}"
+    run_id = str(flow_run.id)
     return {"run_id": run_id, "flow_run": flow_run}
 
 
