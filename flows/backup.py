@@ -46,10 +46,15 @@ def backup(
 
 @flow(name="restore", task_runner=MlopsRayTaskRunner(), log_prints=False)
 def restore_backup(
-    target: str, backup_id: str = "latest", backup_root: str | None = None, force: bool = False
+    target: str,
+    backup_id: str = "latest",
+    backup_root: str | None = None,
+    force: bool = False,
+    tracking_store: str | None = None,
 ) -> RestoreResult:
-    """Restore a verified backup into ``target`` (refuses a live MLOPS_HOME unless forced)."""
+    """Restore a verified backup into ``target`` (refuses a live MLOPS_HOME unless forced);
+    a PostgreSQL dump is loaded into ``tracking_store``, an empty database."""
     settings = load_settings()
     return restore_backup_task.submit(
-        settings, backup_root or settings.backup_root, backup_id, target, force
+        settings, backup_root or settings.backup_root, backup_id, target, force, tracking_store
     ).result()

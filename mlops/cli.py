@@ -386,6 +386,11 @@ def restore(
     backup_root: str | None = typer.Option(None, help="Default: MLOPS_BACKUP_ROOT."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty or live target."),
     keep_free: int = typer.Option(0, min=0, help="Bytes that must stay free after restoring."),
+    tracking_store: str | None = typer.Option(
+        None,
+        "--tracking-store",
+        help="An empty PostgreSQL database (postgresql://...) to load a PostgreSQL backup into.",
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Verify a backup, then restore it into TARGET (no Ray or Prefect needed)."""
@@ -399,7 +404,7 @@ def restore(
         root = open_root(backup_root or settings.backup_root, settings.storage_options, False)
         result = restore_core(
             root, backup_id, target, force=force, live_home=settings.home,
-            keep_free_bytes=keep_free,
+            keep_free_bytes=keep_free, tracking_store=tracking_store,
         )  # fmt: skip
     except UserError as exc:
         if debug:

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
         default="",
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "MLOPS_MLFLOW_TRACKING_URI"),
     )
+    mlflow_backend_store_uri: str = Field(
+        default="",
+        description="The MLflow server's backend store (postgresql://...), for backups with "
+        "pg_dump, when MLFLOW_TRACKING_URI is an http:// server. Default: the tracking URI.",
+    )
     mlflow_artifact_root: str = Field(
         default="",
         description="Artifact location for new experiments. Default: <home>/mlartifacts.",
@@ -101,6 +106,8 @@ class Settings(BaseSettings):
             object.__setattr__(self, "storage_root", str(home / "data"))
         if not self.mlflow_tracking_uri:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{home / 'mlflow.db'}")
+        if not self.mlflow_backend_store_uri:
+            object.__setattr__(self, "mlflow_backend_store_uri", self.mlflow_tracking_uri)
         if not self.mlflow_artifact_root:
             object.__setattr__(self, "mlflow_artifact_root", str(home / "mlartifacts"))
         if not self.backup_root:

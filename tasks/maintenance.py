@@ -531,7 +531,9 @@ def validate_backups(
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="mlops-drill-", dir=base))
     try:
-        drill = restore_drill(root, ids[-1], work / "home")
+        drill = restore_drill(
+            root, ids[-1], work / "home", server_store=settings.mlflow_backend_store_uri
+        )
     except BackupError as exc:
         raise CheckFailed(str(exc)) from None
     finally:

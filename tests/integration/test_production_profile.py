@@ -246,3 +246,90 @@ def test_the_serve_application_answers(
     assert 0.0 <= prediction["probability_late"] <= 1.0
     version = mlflow_client(production).search_model_versions("name='flights-delay'")[0]
     assert httpx.get(f"{url}/version", timeout=30).json()["version"] == str(version.version)
+
+
+def test_backup_to_s3_dumps_postgres_and_restores_into_a_new_database(
+    production: Production, training_run: dict[str, Any], tmp_path: Path
+) -> None:
+    """`mlops backup` on the production profile: pg_dump of the MLflow store, the S3 lake and
+    artifacts, into an S3 backup root; `mlops restore --tracking-store` loads it into an empty
+    database; the drill's restored champion predicts as before."""
+    import psycopg2
+    import s3fs
+
+    server_root = POSTGRES.rsplit("/", 1)[0]
+    env = {
+        **production.env,
+        "MLOPS_BACKUP_ROOT": f"s3://{ARTIFACTS}/backups",
+        "MLOPS_DR_ROOT": f"s3://{ARTIFACTS}/dr",
+        "MLOPS_MLFLOW_BACKEND_STORE_URI": f"{server_root}/{production.mlflow_db}",
+        "MLOPS_MLFLOW_ARTIFACT_ROOT": f"s3://{ARTIFACTS}/mlflow",
+    }
+    done = run(env, str(BIN / "mlops"), "backup", "--run-date", "2013-09-15", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": production.s3_endpoint})
+    (manifest_path,) = fs.glob(f"{ARTIFACTS}/backups/snapshots/*/manifest.json")
+    manifest = json.loads(fs.cat(manifest_path))
+    files = {f["path"]: f for f in manifest["files"]}
+    dump = files["mlflow/mlflow.sql"]
+    sql = fs.cat(f"{ARTIFACTS}/backups/blobs/{dump['sha256'][:2]}/{dump['sha256']}").decode()
+    assert "CREATE TABLE public.model_versions" in sql
+    assert any(p.startswith("mlartifacts/") and p.endswith("/MLmodel") for p in files)
+    assert any(p.startswith("data/features/") for p in files)
+    pointer = json.loads(fs.cat(f"{ARTIFACTS}/dr/latest.json"))
+    assert pointer["backup_id"] == manifest["backup_id"]
+
+    champion = mlflow_client(production).get_model_version_by_alias("flights-delay", "champion")
+    restored_db = f"{production.mlflow_db}_restored"
+    admin = postgres_or_skip()
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {restored_db}")
+    try:
+        restored_uri = f"{server_root}/{restored_db}"
+        target = tmp_path / "restored"
+        done = run(
+            env, str(BIN / "mlops"), "restore", "latest", "--target", str(target),
+            "--tracking-store", restored_uri,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "champion loads" in done.stdout, done.stdout
+        from mlflow.tracking import MlflowClient
+
+        restored = MlflowClient(restored_uri, registry_uri=restored_uri)
+        back = restored.get_model_version_by_alias("flights-delay", "champion")
+        assert (str(back.version), back.run_id) == (str(champion.version), champion.run_id)
+        assert (target / "mlflow.sql").exists() and (target / "data" / "features").is_dir()
+        # Loading into a database that is no longer empty is refused, naming it.
+        again = run(
+            env, str(BIN / "mlops"), "restore", "latest", "--target", str(tmp_path / "again"),
+            "--tracking-store", restored_uri,
+        )  # fmt: skip
+        assert again.returncode != 0 and "is not empty" in again.stderr
+        assert not (tmp_path / "again").exists()
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {restored_db} WITH (FORCE)")
+        admin.close()
+
+    # The drill loads the dump into a scratch database beside the live one and drops it after.
+    def scratch_dbs() -> set[str]:
+        with psycopg2.connect(POSTGRES) as conn, conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'mlops_drill_%'")
+            return {r[0] for r in cur.fetchall()}
+
+    before = scratch_dbs()
+    code = (
+        "import json, pathlib, tempfile\n"
+        "from mlops.settings import load_settings\n"
+        "from tasks.backup import open_root, restore_drill\n"
+        "s = load_settings()\n"
+        "root = open_root(s.backup_root, s.storage_options, create=False)\n"
+        "d = restore_drill(root, 'latest', pathlib.Path(tempfile.mkdtemp()) / 'home',\n"
+        "                  server_store=s.mlflow_backend_store_uri)\n"
+        "print(json.dumps([d.passed, d.champion_version, d.flights, d.detail]))\n"
+    )
+    done = run(env, str(BIN / "python"), "-c", code, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    passed, version, flights, detail = json.loads(done.stdout.strip().splitlines()[-1])
+    assert passed and version == str(champion.version) and flights == 12, detail
+    assert scratch_dbs() == before  # the scratch database is gone

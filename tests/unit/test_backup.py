@@ -196,3 +196,34 @@ def test_artifact_locations_are_rewritten_to_the_restored_root(tmp_path: Path) -
         "/new/mlartifacts/models/m-1",
     )
     assert changed == 2
+
+
+def test_proxied_artifact_locations_of_a_tracking_server_are_rewritten(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    con = sqlite3.connect(db)
+    con.execute("create table runs (artifact_uri text)")
+    con.executemany(
+        "insert into runs values (?)",
+        [("mlflow-artifacts:/1/abc/artifacts",), ("s3://other/1/x",), ("s3://art/mlflowx/2",)],
+    )
+    con.commit()
+    con.close()
+    changed = rewrite_artifact_locations(str(db), "s3://art/mlflow/", "/new/mlartifacts")
+    con = sqlite3.connect(db)
+    got = [r[0] for r in con.execute("select artifact_uri from runs")]
+    # only whole prefixes move: another bucket, or a root that merely starts alike, stay
+    assert got == ["/new/mlartifacts/1/abc/artifacts", "s3://other/1/x", "s3://art/mlflowx/2"]
+    assert changed == 1
+
+
+def test_postgres_passwords_go_to_the_environment_not_the_command_line() -> None:
+    from tasks.backup import is_postgres, pg_conninfo
+
+    uri, env = pg_conninfo("postgresql+psycopg2://mlflow:s%40cret@db.internal:5433/mlflow")
+    assert uri == "postgresql://mlflow@db.internal:5433/mlflow"
+    assert env == {"PGPASSWORD": "s@cret"}
+    assert pg_conninfo("postgresql://postgres@127.0.0.1/x") == (
+        "postgresql://postgres@127.0.0.1/x",
+        {},
+    )
+    assert is_postgres("postgres://h/x") and not is_postgres("sqlite:////x/mlflow.db")
