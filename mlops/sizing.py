@@ -16,10 +16,6 @@ from typing import Any
 from mlops.serving_state import MODEL_MAX_REPLICAS, SLOTS, SlotModel
 from mlops.settings import Settings
 
-# Ray's default for a remote function that names no resources: what a Prefect task gets on the
-# RayTaskRunner outside `remote_options(...)` (ingest, validate, register, gate).
-RAY_TASK_DEFAULT_CPUS = 1.0
-
 Resources = dict[str, float]
 
 
@@ -75,7 +71,13 @@ def transform_task_ask() -> Resources:
 
 
 def prefect_task_ask() -> Resources:
-    return {"CPU": RAY_TASK_DEFAULT_CPUS}
+    """A Prefect task outside ``remote_options(...)`` (ingest, validate, register, gate).
+
+    The RayTaskRunner submits it as a Ray task that names no resources: Ray's task default.
+    """
+    from ray._common.ray_option_utils import task_options
+
+    return ray_resources({"num_cpus": task_options["num_cpus"].default_value})
 
 
 def fits(ask: Mapping[str, float], node: Mapping[str, float]) -> bool:
