@@ -435,8 +435,10 @@ def main() -> None:
     if args.pandas_child:
         root, dates_file, out_dir = args.pandas_child
         result = pandas_transform(root, json.loads(Path(dates_file).read_text()), out_dir)
-        print(json.dumps(result))
-        return
+        print(json.dumps(result), flush=True)
+        # Skip interpreter teardown: a native thread pool now and then aborted it (SIGABRT,
+        # "terminate called without an active exception") after the result was out.
+        os._exit(0)
 
     import ray
 
