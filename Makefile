@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.8
 
-.PHONY: setup run test test-unit lint bench bench-serving clean
+.PHONY: setup run test test-unit lint bench bench-serving bench-scale clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ bench: setup
 
 bench-serving: setup
 	$(BIN)/python benchmarks/bench_serving.py $(ARGS)
+
+bench-scale: setup
+	$(BIN)/python benchmarks/bench_scale.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mlops

@@ -1,15 +1,19 @@
 """Transform on Ray Data: join flights with weather and planes, build features, split by time.
 
-The flights partitions stream through ``map_batches`` (a broadcast join against the small weather
-and planes dimensions) straight into Parquet; the driver never collects the flights. The output
-directory is written aside and published with a ``_SUCCESS`` marker, so it is never half visible.
+The flights partitions stream through ``map_batches`` straight into Parquet. Each block reads its
+own daily flights and weather partitions and joins them with the small planes table, so neither the
+driver nor any task holds more than one block of the window: driver memory stays flat as the data
+grows. The output directory is written aside and published with a ``_SUCCESS`` marker, so it is
+never half visible.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import posixpath
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +24,8 @@ from mlops.features import (
     FEATURE_COLUMNS,
     LABEL,
     SPLITS,
+    WEATHER_COLUMNS,
+    WEATHER_KEY,
     Lookups,
     assign_split,
     build_features,
@@ -42,52 +48,104 @@ class TransformConfig:
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     partitions_per_block: int = 32
     concurrency: int | None = None
+    op_resource_reservation: bool = False
 
 
 def featurize_partitions(
     batch: dict[str, Any],
     storage: Storage,
-    lookups: Lookups,
+    planes: pd.DataFrame,
     bounds: dict[str, tuple[str, str]],
 ) -> pd.DataFrame:
     """One Ray Data block: read its daily partitions, join, featurize, label and split.
 
+    The weather lookups are built from the block's own dates only: a flight is joined with the
+    weather of its own date, so this equals a join against the whole window's weather.
     Rows without a label (cancelled or diverted flights) are dropped here, on purpose.
     """
     import pyarrow.parquet as pq
 
-    tables = [
-        pq.read_table(path, columns=READ_COLUMNS, filesystem=storage.pyarrow_fs())
-        for path in batch["path"]
-    ]
+    fs = storage.pyarrow_fs()
+    tables = [pq.read_table(path, columns=READ_COLUMNS, filesystem=fs) for path in batch["path"]]
     flights = pa.concat_tables(tables, promote_options="permissive").to_pandas()
-    out = build_features(flights, lookups)
+    weather = read_weather(storage, [p for p in batch["weather"] if p])
+    out = build_features(flights, Lookups.from_frames(weather, planes))
     out["split"] = assign_split(out["date"], bounds)
     out = out[out[LABEL].notna() & out["split"].notna()]
     return out.reset_index(drop=True)
 
 
-def load_dimensions(storage: Storage, dates: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Weather for the window's dates and the planes table, deduplicated for joining."""
-    weather_parts = [
-        storage.read_parquet(partition_path("weather", d))
-        for d in dates
-        if storage.exists(partition_path("weather", d))
+WEATHER_READ_COLUMNS = [*WEATHER_KEY, *WEATHER_COLUMNS]
+
+
+def read_weather(storage: Storage, paths: list[str], pool: Any = None) -> pd.DataFrame:
+    """Weather partitions (full paths) as one frame ready for joining; empty when none."""
+    import pyarrow.parquet as pq
+
+    fs = storage.pyarrow_fs()
+
+    def read(path: str) -> pa.Table:
+        return pq.read_table(path, columns=WEATHER_READ_COLUMNS, filesystem=fs)
+
+    tables = list(pool.map(read, paths) if pool else map(read, paths))
+    if not tables:
+        return prepare_weather(pd.DataFrame(columns=WEATHER_READ_COLUMNS))
+    return prepare_weather(pa.concat_tables(tables, promote_options="permissive").to_pandas())
+
+
+def weather_paths(storage: Storage, dates: tuple[str, ...]) -> list[str]:
+    """Full path of each date's weather partition, "" where there is none (one listing)."""
+    present = set(storage.ls_dirs(posixpath.join("raw", "weather")))
+    return [
+        storage.path(partition_path("weather", d)) if f"date={d}" in present else "" for d in dates
     ]
-    if weather_parts:
-        weather = pa.concat_tables(weather_parts, promote_options="permissive").to_pandas()
-    else:
-        weather = pd.DataFrame(columns=["origin", "year", "month", "day", "hour"])
-    planes = storage.read_parquet(posixpath.join("raw", "planes", "data.parquet")).to_pandas()
-    return prepare_weather(weather), prepare_planes(planes)
+
+
+def write_weather_dimension(storage: Storage, paths: list[str], rel: str, chunk: int = 256) -> None:
+    """The window's weather, deduplicated for joining, as one Parquet file at ``rel``.
+
+    Read and written a chunk of daily partitions at a time, so the driver holds one chunk of
+    weather, never the window's. Each date is one file, so deduplicating per chunk is exact.
+    """
+    import pyarrow.parquet as pq
+
+    paths = [p for p in paths if p]
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)] or [[]]
+    buf = io.BytesIO()
+    writer: Any = None
+    with ThreadPoolExecutor(max_workers=4) as pool:  # small reads: overlap their latency
+        for part in chunks:
+            frame = read_weather(storage, part, pool)
+            table = pa.Table.from_pandas(
+                frame, schema=writer.schema if writer else None, preserve_index=False
+            )
+            if writer is None:
+                writer = pq.ParquetWriter(buf, table.schema, compression="zstd")
+            writer.write_table(table)
+    writer.close()
+    storage.write_bytes(rel, buf.getvalue())
+
+
+def load_planes(storage: Storage) -> pd.DataFrame:
+    """The planes table, deduplicated for joining."""
+    return prepare_planes(
+        storage.read_parquet(posixpath.join("raw", "planes", "data.parquet")).to_pandas()
+    )
 
 
 def snapshot_hash(storage: Storage, rel: str) -> str:
     """sha256 over the content of every Parquet file of a feature snapshot, name-independent."""
-    digests = sorted(
-        hashlib.sha256(storage.fs.cat_file(p)).hexdigest() for p in storage.find(rel, ".parquet")
-    )
+    digests = sorted(file_digest(storage, p) for p in storage.find(rel, ".parquet"))
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+
+
+def file_digest(storage: Storage, path: str, chunk: int = 8 << 20) -> str:
+    """sha256 of one file, read in chunks (a feature file grows with the block size)."""
+    digest = hashlib.sha256()
+    with storage.fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def split_rows(storage: Storage, rel: str) -> dict[str, int]:
@@ -112,10 +170,12 @@ def build_feature_snapshot(
     final_rel = posixpath.join("features", snapshot_id)
     dims_rel = posixpath.join("curated", "dims", snapshot_id)
 
-    weather, planes = load_dimensions(storage, dates)
-    storage.write_parquet(
-        posixpath.join(dims_rel, "weather.parquet"),
-        pa.Table.from_pandas(weather, preserve_index=False),
+    weather = weather_paths(storage, dates)
+    planes = load_planes(storage)
+    # The weather dimension (for serving) is written by a Ray task while Ray Data runs: off the
+    # driver, and overlapping the flights instead of preceding them.
+    weather_dim = ray.remote(num_cpus=1, max_retries=2)(write_weather_dimension).remote(
+        storage, weather, posixpath.join(dims_rel, "weather.parquet")
     )
     storage.write_json(posixpath.join(dims_rel, "carriers.json"), list(report.carriers))
     storage.write_parquet(
@@ -126,9 +186,16 @@ def build_feature_snapshot(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Ray Data reserves a share of CPUs and memory per operator by default. The plan here is one
+    # fused read-featurize-write operator, and on 2 CPUs the reservation only held CPUs back:
+    # the full year took 2.2-3.0 s with it, 1.6-1.9 s without (benchmarks/README.md, scale).
+    ctx.op_resource_reservation_enabled = cfg.op_resource_reservation
     # One item per daily partition, grouped into blocks: each task reads its partitions itself
     # (no footer-scanning actors, which cost a worker process per file group on small nodes).
-    paths = [{"path": storage.path(partition_path("flights", d))} for d in dates]
+    paths = [
+        {"path": storage.path(partition_path("flights", d)), "weather": w}
+        for d, w in zip(dates, weather, strict=True)
+    ]
     blocks = max(1, -(-len(paths) // cfg.partitions_per_block))
     ds = ray.data.from_items(paths, override_num_blocks=blocks)
     ds = ds.map_batches(
@@ -138,7 +205,7 @@ def build_feature_snapshot(
         concurrency=cfg.concurrency,
         fn_kwargs={
             "storage": storage,
-            "lookups": Lookups.from_frames(weather, planes),
+            "planes": planes,
             "bounds": bounds,
         },
     )
@@ -146,6 +213,7 @@ def build_feature_snapshot(
     ds.write_parquet(
         storage.path(tmp_rel), filesystem=storage.pyarrow_fs(), partition_cols=["split"]
     )
+    ray.get(weather_dim)
     rows = split_rows(storage, tmp_rel)
     empty = [s for s, n in rows.items() if n == 0]
     if empty:

@@ -93,17 +93,47 @@ def xgb_params(config: dict[str, Any], device: str, nthread: int) -> dict[str, A
     }
 
 
+# Per process: a trial actor that Tune reuses keeps the matrices it built for the next trial.
+_MATRICES: dict[tuple[str, str], Any] = {}
+
+
+def split_matrix(storage: Storage, features: FeatureSet, split: str) -> Any:
+    """One split of the snapshot as an XGBoost DMatrix, read by the trial's own process.
+
+    Only the latest snapshot's matrices are kept. The frame is dropped once the matrix is built,
+    and Arrow's allocator hands its pages back: it kept about as much again as the matrix.
+    """
+    import pyarrow as pa
+    import xgboost as xgb
+
+    from tasks.transform import read_split
+
+    key = (features.uri, split)
+    if key not in _MATRICES:
+        for stale in [k for k in _MATRICES if k[0] != features.uri]:
+            del _MATRICES[stale]
+        frame = read_split(storage, features, split)
+        rows = len(frame)
+        _MATRICES[key] = xgb.DMatrix(
+            frame.loc[:, list(features.feature_columns)], label=frame["label"]
+        )
+        del frame
+        pa.default_memory_pool().release_unused()
+        log.info("read %s split: %d rows", split, rows)
+    return _MATRICES[key]
+
+
 def train_trial(
     config: dict[str, Any],
     *,
-    train: Any,
-    valid: Any,
+    storage: Storage,
     features: FeatureSet,
     budget: TuneBudget,
 ) -> None:
     """One trial: train with early stopping, report every few rounds, checkpoint the booster.
 
-    ``train`` and ``valid`` arrive through the object store (read once, shared by all trials).
+    The trial reads its train and valid splits from storage itself (once per trial process), so
+    the process that launches the search never holds the training data.
     """
     import ray
     import xgboost as xgb
@@ -117,9 +147,8 @@ def train_trial(
         log.warning(note)
     else:
         log.info(note)
-    cols = list(features.feature_columns)
-    dtrain = xgb.DMatrix(train[cols], label=train["label"])
-    dvalid = xgb.DMatrix(valid[cols], label=valid["label"])
+    dtrain = split_matrix(storage, features, "train")
+    dvalid = split_matrix(storage, features, "valid")
 
     class Report(xgb.callback.TrainingCallback):
         def after_iteration(self, model: Any, epoch: int, evals_log: dict) -> bool:
@@ -242,18 +271,12 @@ def run_search(
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from tasks.transform import read_split
-
     # GPUs the serving application may hold are not counted on: a trial waiting for one would
     # wait for ever.
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     slots = gpu_slots(budget, cluster_gpus - reserved_gpus if cluster_gpus else 0)
-    train = read_split(storage, features, "train")
-    valid = read_split(storage, features, "valid")
     trainable = tune.with_resources(
-        tune.with_parameters(
-            train_trial, train=train, valid=valid, features=features, budget=budget
-        ),
+        tune.with_parameters(train_trial, storage=storage, features=features, budget=budget),
         functools.partial(trial_resources, budget=budget),
     )
     max_t = budget.max_rounds // budget.report_every + 1
