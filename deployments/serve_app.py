@@ -16,9 +16,11 @@
 
 # No ``from __future__ import annotations``: FastAPI and Serve read these annotations at runtime.
 
+import gc
 import logging
 import posixpath
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, NotRequired
@@ -182,6 +184,51 @@ class Scorer:
         )
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """One registered version ready to score: booster, lookups, known carriers, scorer."""
+
+    cfg: ModelConfig
+    booster: Any
+    lookups: Any
+    carriers: list[str]
+    device: str
+    scorer: Scorer
+
+
+def load_model(cfg: ModelConfig, device: str = "cpu") -> LoadedModel:
+    """Load a version's booster from the registry and its lookups from the feature snapshot."""
+    import json
+
+    import mlflow
+    import mlflow.xgboost
+
+    from mlops.features import load_lookups
+    from mlops.storage import Storage
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.tracking_uri)  # not the process default
+    booster = mlflow.xgboost.load_model(f"models:/{cfg.model_name}/{cfg.version}")
+    booster.set_param({"nthread": 1, "device": device})
+    root, leaf = posixpath.split(cfg.dims_uri.rstrip("/"))
+    dims = Storage(root, cfg.storage_options)
+    lookups = load_lookups(cfg.dims_uri, cfg.storage_options)
+    path = posixpath.join(leaf, "carriers.json")
+    carriers = sorted(json.loads(dims.read_bytes(path))) if dims.exists(path) else []
+    scorer = Scorer(booster, lookups, cfg.model_name, cfg.version)
+    return LoadedModel(cfg, booster, lookups, carriers, device, scorer)
+
+
+def _predictions_counter() -> Any:
+    from ray.serve.metrics import Counter
+
+    return Counter(
+        "flights_predictions_total",
+        description="Predictions served, by model version.",
+        tag_keys=("model_version",),
+    )
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.25},
     health_check_period_s=5,
@@ -196,21 +243,9 @@ class Scorer:
 )
 class FlightModel:
     def __init__(self, config: dict) -> None:
-        import json
-
-        import mlflow
-        import mlflow.xgboost
-        from ray.serve.metrics import Counter
-
         from mlops.inference_log import InferenceLog
-        from mlops.storage import Storage
 
         self.cfg = ModelConfig(**config)
-        mlflow.set_tracking_uri(self.cfg.tracking_uri)
-        mlflow.set_registry_uri(self.cfg.tracking_uri)  # not the process default
-        self.booster = mlflow.xgboost.load_model(
-            f"models:/{self.cfg.model_name}/{self.cfg.version}"
-        )
         self.device = "cpu"
         if self.cfg.use_gpu:
             import ray
@@ -219,23 +254,11 @@ class FlightModel:
 
             self.device, note = choose_device(ray.get_gpu_ids(), cuda_device_visible())
             log.warning(note)
-        self.booster.set_param({"nthread": 1, "device": self.device})
-        root, leaf = posixpath.split(self.cfg.dims_uri.rstrip("/"))
-        dims = Storage(root, self.cfg.storage_options)
-        from mlops.features import load_lookups
-
-        self.lookups = load_lookups(self.cfg.dims_uri, self.cfg.storage_options)
-        carriers = posixpath.join(leaf, "carriers.json")
-        self.carriers = (
-            sorted(json.loads(dims.read_bytes(carriers))) if dims.exists(carriers) else []
-        )
-        self.scorer = Scorer(self.booster, self.lookups, self.cfg.model_name, self.cfg.version)
+        model = load_model(self.cfg, self.device)
+        self.booster, self.lookups, self.carriers = model.booster, model.lookups, model.carriers
+        self.scorer = model.scorer
         self.log = InferenceLog(self.cfg.storage_root, self.cfg.storage_options)
-        self.predictions = Counter(
-            "flights_predictions_total",
-            description="Predictions served, by model version.",
-            tag_keys=("model_version",),
-        )
+        self.predictions = _predictions_counter()
 
     def info(self) -> dict:
         d = {k: v for k, v in asdict(self.cfg).items() if k not in ("storage_options",)}
@@ -269,6 +292,25 @@ class FlightModel:
         return results
 
 
+@dataclass(frozen=True)
+class LocalModel:
+    """The primary slot's model inside the router: scores without a hop, logs like a replica."""
+
+    model: LoadedModel
+    carriers: frozenset[str]
+    log: Any  # InferenceLog
+
+    def score(self, rows: list[dict], counter: Any) -> bytes:
+        answers, logged = self.model.scorer.score(rows)
+        if logged is not None:
+            self.log.append(logged)
+            counter.inc(len(rows), tags={"model_version": self.model.cfg.version})
+        return self.model.scorer.answer(answers)
+
+    def close(self) -> None:
+        self.log.close()
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=256,
@@ -284,6 +326,11 @@ class Router:
         self.max_rows = max_rows
         self.primary, self.canary, self.canary_share = "blue", None, 0.0
         self._info: dict[str, dict] = {}
+        self._models: dict[str, ModelConfig] = {}
+        self._local: LocalModel | None = None
+        self._loading: ModelConfig | None = None
+        self._load_lock = threading.Lock()
+        self.predictions = _predictions_counter()
         self.requests = Counter(
             "flights_requests_total",
             description="HTTP requests to /predict, by status and slot.",
@@ -300,13 +347,63 @@ class Router:
         )
 
     def reconfigure(self, config: dict) -> None:
-        """Traffic switch, applied live (no restart): primary slot, canary slot and its share."""
+        """Traffic switch, applied live (no restart): primary slot, canary slot and its share.
+
+        ``models`` names each slot's model. The primary's is also loaded here, in the router, in
+        a background thread: once loaded, ``/predict`` traffic for the primary is scored in this
+        process (one hop fewer: about half the CPU of a request). Until then, and whenever the
+        local model is not the primary's, requests go to the slot deployment, which is warm.
+        """
         primary, canary = config.get("primary", "blue"), config.get("canary")
         if primary not in self.slots or (canary is not None and canary not in self.slots):
             raise ValueError(f"unknown slot in {config}")
+        self._models = {k: ModelConfig(**v) for k, v in (config.get("models") or {}).items()}
         self.primary, self.canary = primary, canary
         self._info.clear()
         self.canary_share = float(config.get("canary_share", 0.0)) if canary else 0.0
+        self._load_local()
+
+    def _load_local(self) -> None:
+        want = self._models.get(self.primary)
+        if want is not None and want.use_gpu:
+            want = None  # GPU replicas score on their device: keep the hop
+        local = self._local
+        if local is not None and (want is None or local.model.cfg != want):
+            self._local = None  # never answer with a model that is no longer the primary's
+            threading.Thread(target=local.close, daemon=True).start()
+        if want is None or (local is not None and local.model.cfg == want):
+            return
+        with self._load_lock:
+            if self._loading == want:
+                return
+            self._loading = want
+        threading.Thread(target=self._load_in_background, args=(want,), daemon=True).start()
+
+    def _load_in_background(self, want: ModelConfig) -> None:
+        from mlops.inference_log import InferenceLog
+
+        try:
+            model = load_model(want)
+            local = LocalModel(
+                model,
+                frozenset(model.carriers),
+                InferenceLog(want.storage_root, want.storage_options),
+            )
+        except Exception as exc:  # the slot deployment keeps answering
+            log.warning("router could not load version %s locally: %s", want.version, exc)
+            return
+        finally:
+            with self._load_lock:
+                self._loading = None if self._loading == want else self._loading
+        if self._models.get(self.primary) == want:
+            # What the model and its imports left behind lives as long as the replica: keep the
+            # garbage collector from rescanning it on the request path (Serve does the same for
+            # what a replica builds at start-up).
+            gc.collect()
+            gc.freeze()
+            self._local = local
+        else:  # traffic moved on while it loaded
+            local.close()
 
     async def _slot_info(self, slot: str) -> dict:
         if slot not in self._info:
@@ -323,12 +420,19 @@ class Router:
         t0 = time.perf_counter()
         status = 500
         try:
-            info = await self._slot_info(slot)
-            status, rows = validate_body(await request.body(), info["carriers"], self.max_rows)
+            local = self._local if slot == self.primary else None
+            if local is not None:
+                status, rows = validate_body(await request.body(), local.carriers, self.max_rows)
+            else:
+                info = await self._slot_info(slot)
+                status, rows = validate_body(await request.body(), info["carriers"], self.max_rows)
             if status != 200:
                 return json_response({"detail": rows}, status_code=status)
-            body = await self.slots[slot].predict.remote(rows)
-            # The model's answer is already JSON: add the slot without decoding it again.
+            if local is not None:
+                body = local.score(rows, self.predictions)
+            else:
+                body = await self.slots[slot].predict.remote(rows)
+            # The answer is already JSON: add the slot without decoding it again.
             return Response(
                 body[:-1] + b',"slot":"' + slot.encode() + b'"}', media_type="application/json"
             )
@@ -391,7 +495,8 @@ class Router:
 
     @api.post("/admin/flush-log")
     async def flush_log(self) -> dict:
-        written = 0
+        local = self._local
+        written = local.log.flush() if local is not None else 0
         for handle in self.slots.values():
             written += await handle.flush_log.remote()
         return {"written": written}
@@ -406,6 +511,7 @@ def build_app(slots: dict, router_config: dict) -> Any:
         ).bind(asdict(cfg))
         for name, cfg in slots.items()
     }
+    router_config = {**router_config, "models": {n: asdict(c) for n, c in slots.items()}}
     return Router.options(user_config=router_config).bind(models["blue"], models["green"])
 
 

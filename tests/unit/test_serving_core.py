@@ -135,17 +135,27 @@ def test_inference_log_writes_parquet(tmp_path: Path) -> None:
     log.close()
 
 
-def test_inference_log_takes_columns_and_builds_frames_in_the_writer(tmp_path: Path) -> None:
+def test_inference_log_takes_columns_and_builds_tables_in_the_writer(tmp_path: Path) -> None:
     import numpy as np
 
+    def written() -> pd.DataFrame:
+        files = sorted(
+            (tmp_path / "inference_log").rglob("*.parquet"), key=lambda f: f.stat().st_mtime_ns
+        )
+        return pd.read_parquet(files[-1])
+
     log = InferenceLog(str(tmp_path), {}, flush_every_s=60)
-    log.append({"a": np.array([1.0, 2.0]), "date": ["2013-01-01", None], "model_version": "3"})
-    log.append(pd.DataFrame({"a": [3.0], "date": ["2013-01-02"], "model_version": ["3"]}))
+    log.append({"a": np.array([1.0, 2.0]), "date": ["2013-01-01", None], "v": "3", "ts": 5.0})
+    log.append({"a": np.array([3.0]), "date": ["2013-01-02"], "v": "3", "ts": 6.0})
     assert log.flush() == 3
-    (file,) = (tmp_path / "inference_log").rglob("*.parquet")
-    back = pd.read_parquet(file)
-    assert back["a"].tolist() == [1.0, 2.0, 3.0] and back["model_version"].tolist() == ["3"] * 3
+    back = written()
+    assert back["a"].tolist() == [1.0, 2.0, 3.0] and back["v"].tolist() == ["3"] * 3
     assert back["date"].isna().tolist() == [False, True, False]
+    assert back["ts"].tolist() == [5.0, 5.0, 6.0]
+    log.append({"a": np.array([4.0]), "date": ["2013-01-03"], "v": "3", "ts": 7.0})
+    log.append(pd.DataFrame({"a": [5.0], "date": [None], "v": ["3"], "ts": [8.0]}))
+    assert log.flush() == 2  # mixed parts go through pandas
+    assert written()["a"].tolist() == [4.0, 5.0]
     log.close()
 
 
