@@ -163,6 +163,24 @@ def measure(url: str, one: list, batch: list, args: argparse.Namespace) -> dict:
     }
 
 
+def wait_for_in_process_scoring(base_url: str, timeout_s: float = 120.0) -> None:
+    """Measure the steady state: every router replica scores the primary in-process.
+
+    Router replicas load the primary's model in the background after they start; until then
+    they forward to the slot deployment. Twenty /healthz answers in a row reach every replica.
+    """
+    import httpx
+
+    deadline, streak = time.monotonic() + timeout_s, 0
+    while streak < 20:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the router replicas did not load the primary's model in time")
+        ok = httpx.get(f"{base_url}/healthz", timeout=10).json().get("scored_by") == "router"
+        streak = streak + 1 if ok else 0
+        if not ok:
+            time.sleep(0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rate", type=float, default=100.0)
@@ -215,6 +233,7 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError("bare server did not start")
             time.sleep(0.5)
+        wait_for_in_process_scoring(settings.serve_url)
         serve_res = measure(f"{settings.serve_url}/predict", one, batch, args)
         bare_res = measure(bare_url, one, batch, args)
     finally:

@@ -314,7 +314,7 @@ class LocalModel:
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=256,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64},
+    autoscaling_config={"min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 64},
     logging_config={"enable_access_log": False, "log_level": "WARNING"},
 )
 @serve.ingress(api)
@@ -357,24 +357,20 @@ class Router:
         primary, canary = config.get("primary", "blue"), config.get("canary")
         if primary not in self.slots or (canary is not None and canary not in self.slots):
             raise ValueError(f"unknown slot in {config}")
-        self._models = {k: ModelConfig(**v) for k, v in (config.get("models") or {}).items()}
-        self.primary, self.canary = primary, canary
-        self._info.clear()
-        self.canary_share = float(config.get("canary_share", 0.0)) if canary else 0.0
-        self._load_local()
-
-    def _load_local(self) -> None:
-        want = self._models.get(self.primary)
-        if want is not None and want.use_gpu:
-            want = None  # GPU replicas score on their device: keep the hop
-        local = self._local
-        if local is not None and (want is None or local.model.cfg != want):
-            self._local = None  # never answer with a model that is no longer the primary's
-            threading.Thread(target=local.close, daemon=True).start()
-        if want is None or (local is not None and local.model.cfg == want):
-            return
-        with self._load_lock:
-            if self._loading == want:
+        models = {k: ModelConfig(**v) for k, v in (config.get("models") or {}).items()}
+        with self._load_lock:  # the loader thread checks the same state before it installs
+            self._models = models
+            self.primary, self.canary = primary, canary
+            self._info.clear()
+            self.canary_share = float(config.get("canary_share", 0.0)) if canary else 0.0
+            want = self._models.get(self.primary)
+            if want is not None and want.use_gpu:
+                want = None  # GPU replicas score on their device: keep the hop
+            local = self._local
+            if local is not None and (want is None or local.model.cfg != want):
+                self._local = None  # never answer with a model that is no longer the primary's
+                threading.Thread(target=local.close, daemon=True).start()
+            if want is None or self._local is not None or self._loading == want:
                 return
             self._loading = want
         threading.Thread(target=self._load_in_background, args=(want,), daemon=True).start()
@@ -382,6 +378,7 @@ class Router:
     def _load_in_background(self, want: ModelConfig) -> None:
         from mlops.inference_log import InferenceLog
 
+        local = None
         try:
             model = load_model(want)
             local = LocalModel(
@@ -389,20 +386,19 @@ class Router:
                 frozenset(model.carriers),
                 InferenceLog(want.storage_root, want.storage_options),
             )
-        except Exception as exc:  # the slot deployment keeps answering
-            log.warning("router could not load version %s locally: %s", want.version, exc)
-            return
-        finally:
-            with self._load_lock:
-                self._loading = None if self._loading == want else self._loading
-        if self._models.get(self.primary) == want:
             # What the model and its imports left behind lives as long as the replica: keep the
             # garbage collector from rescanning it on the request path (Serve does the same for
             # what a replica builds at start-up).
             gc.collect()
             gc.freeze()
-            self._local = local
-        else:  # traffic moved on while it loaded
+        except Exception as exc:  # the slot deployment keeps answering
+            log.warning("router could not load version %s locally: %s", want.version, exc)
+        with self._load_lock:
+            if self._loading == want:
+                self._loading = None
+            if local is not None and self._models.get(self.primary) == want:
+                self._local, local = local, None
+        if local is not None:  # traffic moved on while it loaded
             local.close()
 
     async def _slot_info(self, slot: str) -> dict:
@@ -456,11 +452,14 @@ class Router:
     async def healthz(self) -> dict:
         await self.slots[self.primary].check_health.remote()  # the replica's own health check
         info = await self._slot_info(self.primary)
+        local = self._local
         return {
             "status": "ok",
             "model": info["model_name"],
             "version": info["version"],
             "slot": self.primary,
+            # "router": this replica scores the primary in-process; "slot": it forwards
+            "scored_by": "router" if local is not None else "slot",
         }
 
     @api.get("/slots/{slot}/healthz")
