@@ -11,7 +11,9 @@
 - ``Router`` is the HTTP ingress. It validates requests, sends traffic to the primary slot (and a
   share to a canary slot), and exposes ``/predict``, ``/healthz``, ``/version`` and per-slot
   endpoints for smoke checks. Switching traffic is a ``user_config`` change, applied live by
-  ``reconfigure`` without restarting anything: promotion and rollback drop no request.
+  ``reconfigure`` without restarting anything: promotion and rollback drop no request. The
+  router also loads the primary slot's model and, once loaded, scores ``/predict`` for it in
+  process: every hop through Ray costs milliseconds of CPU on a small machine.
 """
 
 # No ``from __future__ import annotations``: FastAPI and Serve read these annotations at runtime.
