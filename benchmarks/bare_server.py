@@ -1,24 +1,31 @@
-"""The baseline server: the same MLflow model and feature code behind bare FastAPI + uvicorn.
+"""The baseline server: the same model and per-request work behind bare FastAPI + uvicorn.
 
 python benchmarks/bare_server.py --port 8100 --version 3   (MLOPS_* settings from the env)
+
+Per request it does what the Serve application does: parse and validate the body (known
+carriers included), build the features, score them with the same ``Scorer`` and hand the rows
+to an inference log (written under a temporary directory, not the data lake).
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the annotations at runtime.
 
 import argparse
+import json
+import posixpath
+import tempfile
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
 
-def make_app(version: str) -> FastAPI:
+def make_app(version: str, log_root: str) -> FastAPI:
     import mlflow
     import mlflow.xgboost
-    import pandas as pd
-    import xgboost as xgb
 
-    from deployments.serve_app import FlightRequest
-    from mlops.features import FEATURE_COLUMNS, build_features, load_lookups
+    from deployments.serve_app import MAX_ROWS_PER_REQUEST, Scorer, json_response, validate_body
+    from mlops.features import load_lookups
+    from mlops.inference_log import InferenceLog
     from mlops.registry import ModelRegistry
     from mlops.settings import load_settings
     from mlops.storage import Storage
@@ -30,19 +37,30 @@ def make_app(version: str) -> FastAPI:
     booster.set_param({"nthread": 1})
     features_uri = ModelRegistry(settings).version_tags(version)["features_uri"]
     snapshot = features_uri.rstrip("/").rsplit("/", 1)[-1]
-    dims_uri = Storage(settings.storage_root, settings.storage_options).uri(
-        "curated/dims", snapshot
-    )
+    storage = Storage(settings.storage_root, settings.storage_options)
+    dims_uri = storage.uri("curated/dims", snapshot)
     lookups = load_lookups(dims_uri, settings.storage_options)
+    root, leaf = posixpath.split(dims_uri.rstrip("/"))
+    dims = Storage(root, settings.storage_options)
+    carriers_path = posixpath.join(leaf, "carriers.json")
+    carriers = (
+        frozenset(json.loads(dims.read_bytes(carriers_path)))
+        if dims.exists(carriers_path)
+        else frozenset()
+    )
+    scorer = Scorer(booster, lookups, settings.model_name, version)
+    inference_log = InferenceLog(log_root, {})
     app = FastAPI()
 
     @app.post("/predict")
-    def predict(body: list[FlightRequest]) -> dict:
-        if not body:
-            return {"version": version, "predictions": []}
-        feats = build_features(pd.DataFrame([f.model_dump() for f in body]), lookups)
-        probs = booster.predict(xgb.DMatrix(feats.loc[:, list(FEATURE_COLUMNS)]))
-        return {"version": version, "predictions": [{"probability_late": float(p)} for p in probs]}
+    async def predict(request: Request) -> Response:
+        status, rows = validate_body(await request.body(), carriers, MAX_ROWS_PER_REQUEST)
+        if status != 200:
+            return json_response({"detail": rows}, status_code=status)
+        answers, logged = scorer.score(rows)
+        if logged is not None:
+            inference_log.append(logged)
+        return Response(scorer.answer(answers), media_type="application/json")
 
     return app
 
@@ -52,4 +70,6 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--version", required=True)
     args = parser.parse_args()
-    uvicorn.run(make_app(args.version), host="127.0.0.1", port=args.port, log_level="error")
+    with tempfile.TemporaryDirectory(prefix="bare-inference-log-") as log_root:
+        app = make_app(args.version, log_root)
+        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="error")

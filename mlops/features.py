@@ -7,8 +7,9 @@ departure. One function builds features for both paths, so training and serving 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
 from functools import lru_cache
 
 import numpy as np
@@ -272,6 +273,96 @@ def build_features(flights: pd.DataFrame, lookups: Lookups) -> pd.DataFrame:
     if "arr_delay" in flights.columns:
         out[LABEL] = make_label(flights["arr_delay"]).to_numpy()
     return out
+
+
+@dataclass(frozen=True)
+class RequestFeatures:
+    """Features of validated serving requests as one float64 matrix in ``FEATURE_COLUMNS`` order."""
+
+    matrix: np.ndarray
+    dates: list[str | None]  # ISO date, None for an impossible one (e.g. February 30)
+
+    @property
+    def weather_known(self) -> np.ndarray:
+        return self.matrix[:, _WEATHER_KNOWN] == 1.0
+
+    @property
+    def plane_known(self) -> np.ndarray:
+        return self.matrix[:, _PLANE_KNOWN] == 1.0
+
+
+_WEATHER_KNOWN = FEATURE_COLUMNS.index("weather_known")
+_PLANE_KNOWN = FEATURE_COLUMNS.index("plane_known")
+_NO_DAY = (np.nan, np.nan, None)
+
+
+@lru_cache(maxsize=4096)
+def _calendar(year: int, month: int, day: int) -> tuple[float, float, str | None]:
+    """(day of week, day of year, ISO date) as ``pd.to_datetime(..., errors="coerce")`` gives."""
+    try:
+        d = date(year, month, day)
+    except ValueError:
+        return _NO_DAY
+    return float(d.weekday()), float(d.timetuple().tm_yday), d.isoformat()
+
+
+def request_features(rows: Sequence[Mapping], lookups: Lookups) -> RequestFeatures:
+    """The serving fast path: exactly :func:`build_features`' features, without pandas.
+
+    ``rows`` are validated requests (``REQUEST_COLUMNS``; ``tailnum`` may be missing or None).
+    Building a DataFrame costs milliseconds whatever its size, which a one-flight request cannot
+    afford; column lists, dictionary lookups and numpy arithmetic cost microseconds. The same
+    arithmetic on the same float64 values as :func:`build_features` keeps the two equal, and
+    tests check that on real flights.
+    """
+    n = len(rows)
+    year = [int(r["year"]) for r in rows]
+    month = [int(r["month"]) for r in rows]
+    day = [int(r["day"]) for r in rows]
+    origin = [r["origin"] for r in rows]
+    dep = np.array([r["sched_dep_time"] for r in rows], dtype="float64").reshape(n)
+    arr = np.array([r["sched_arr_time"] for r in rows], dtype="float64").reshape(n)
+    hour = (dep // 100).astype("int64").tolist()
+    w_get, p_get = lookups.weather_index.get, lookups.plane_index.get
+    w_idx = np.fromiter(
+        (w_get(k, -1) for k in zip(origin, year, month, day, hour, strict=True)),
+        dtype="int64",
+        count=n,
+    )
+    p_idx = np.fromiter((p_get(r.get("tailnum"), -1) for r in rows), dtype="int64", count=n)
+    cal = [_calendar(y, m, d) for y, m, d in zip(year, month, day, strict=True)]
+
+    weather = _take(lookups.weather_values, w_idx)
+    plane = _take(lookups.plane_values, p_idx)
+    dep_min = (dep // 100) * 60 + dep % 100
+    arr_min = (arr // 100) * 60 + arr % 100
+    columns = {
+        "month": month,
+        "day": day,
+        "day_of_week": [c[0] for c in cal],
+        "day_of_year": [c[1] for c in cal],
+        "sched_dep_hour": dep // 100,
+        "sched_dep_minute_of_day": dep_min,
+        "sched_arr_minute_of_day": arr_min,
+        "sched_block_minutes": (arr_min - dep_min) % 1440,
+        "distance": [r["distance"] for r in rows],
+        "flight": [r["flight"] for r in rows],
+        "carrier_code": [_code(str(r["carrier"])) for r in rows],
+        "origin_code": [_code(str(o)) for o in origin],
+        "dest_code": [_code(str(r["dest"])) for r in rows],
+        **{c: weather[:, i] for i, c in enumerate(WEATHER_COLUMNS)},
+        "plane_age": np.array(year, dtype="int64") - plane[:, 0],
+        "seats": plane[:, 1],
+        "engines": plane[:, 2],
+        "plane_type_code": plane[:, 3],
+        "manufacturer_code": plane[:, 4],
+        "weather_known": w_idx >= 0,
+        "plane_known": p_idx >= 0,
+    }
+    x = np.empty((n, len(FEATURE_COLUMNS)), dtype="float64")
+    for i, name in enumerate(FEATURE_COLUMNS):
+        x[:, i] = columns[name]
+    return RequestFeatures(matrix=x, dates=[c[2] for c in cal])
 
 
 def make_label(arr_delay: pd.Series) -> pd.Series:

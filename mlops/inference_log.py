@@ -42,13 +42,15 @@ class InferenceLog:
         self._thread.start()
 
     def append(self, rows: Any) -> None:
-        """O(1) on the request path: hand a DataFrame (or a list of row dicts) to the writer."""
-        import pandas as pd
+        """O(1) on the request path: hand rows to the writer, which builds the frames.
 
-        frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+        ``rows`` is a DataFrame, a list of row dicts, or a dict of equally long columns (scalars
+        repeat); turning them into a DataFrame costs about a millisecond, so the writer does it.
+        """
+        n = _count(rows)
         with self._lock:
-            self._frames.append(frame)
-            self._buffered += len(frame)
+            self._frames.append(rows)
+            self._buffered += n
             full = self._buffered >= self._max_rows
         if full:
             self._wake.set()
@@ -61,13 +63,10 @@ class InferenceLog:
         if not frames:
             return 0
         try:
-            import pandas as pd
-            import pyarrow as pa
-
             from mlops.storage import Storage
 
             day = datetime.now(UTC).strftime("%Y-%m-%d")
-            table = pa.Table.from_pandas(pd.concat(frames, ignore_index=True), preserve_index=False)
+            table = _to_table(frames)
             Storage(self._root, self._options).write_parquet(
                 f"{LOG_DIR}/date={day}/{uuid.uuid4().hex}.parquet", table
             )
@@ -90,3 +89,46 @@ class InferenceLog:
             self._wake.clear()
             self.flush()
             time.sleep(0)
+
+
+def _to_table(parts: list[Any]) -> Any:
+    """One Arrow table from the buffered parts.
+
+    Dicts of columns with the same names (what the Serve replicas append) are joined column by
+    column with numpy and handed to Arrow directly: building a DataFrame per part held the GIL,
+    and so stalled the requests of the same process, for about 75 ms per 200 parts.
+    """
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    names = list(parts[0]) if isinstance(parts[0], dict) else None
+    if names is None or any(not isinstance(p, dict) or list(p) != names for p in parts):
+        frame = pd.concat(
+            [p if isinstance(p, pd.DataFrame) else pd.DataFrame(p) for p in parts],
+            ignore_index=True,
+        )
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    sizes = [_count(p) for p in parts]
+    columns = {}
+    for name in names:
+        values = [p[name] for p in parts]
+        if all(isinstance(v, np.ndarray) for v in values):
+            columns[name] = pa.array(np.concatenate(values))
+        else:
+            flat: list[Any] = []
+            for v, n in zip(values, sizes, strict=True):
+                flat.extend(v if _is_column(v) else [v] * n)
+            columns[name] = pa.array(flat)
+    return pa.table(columns)
+
+
+def _is_column(v: Any) -> bool:
+    return hasattr(v, "__len__") and not isinstance(v, str | bytes)
+
+
+def _count(rows: Any) -> int:
+    """Rows in a DataFrame, a list of row dicts or a dict of columns (its longest column)."""
+    if isinstance(rows, dict):
+        return max((len(v) for v in rows.values() if _is_column(v)), default=1)
+    return len(rows)

