@@ -227,3 +227,31 @@ def test_postgres_passwords_go_to_the_environment_not_the_command_line() -> None
         {},
     )
     assert is_postgres("postgres://h/x") and not is_postgres("sqlite:////x/mlflow.db")
+
+
+def test_registry_read_from_the_snapshot_equals_the_clients_view(tmp_path: Path) -> None:
+    """A real MLflow SQLite store: models, versions (one deleted), aliases and tags."""
+    from mlflow.tracking import MlflowClient
+
+    from mlops.settings import load_settings
+    from tasks.backup import registry_state, registry_state_from_snapshot, sqlite_snapshot
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    for name in ("b-model", "a-model"):
+        client.create_registered_model(name, tags={"team": "ml"}, description=f"{name} desc")
+        for i in range(3):
+            client.create_model_version(name, f"/art/{name}/{i}", run_id=None, tags={"i": str(i)})
+    client.delete_model_version("a-model", "2")
+    client.set_registered_model_alias("a-model", "champion", "3")
+    client.set_registered_model_alias("a-model", "challenger", "1")
+    client.set_model_version_tag("b-model", "1", "features_uri", "s3://lake/features/x")
+    sqlite_snapshot(str(tmp_path / "mlflow.db"), str(tmp_path / "snap.db"))
+
+    expected = registry_state(load_settings(mlflow_tracking_uri=uri))
+    expected["models"].sort(key=lambda m: m["name"])
+    got = registry_state_from_snapshot(str(tmp_path / "snap.db"), uri)
+    assert got == expected
+    a = got["models"][0]
+    assert [v["version"] for v in a["versions"]] == ["1", "3"]
+    assert a["aliases"] == {"champion": "3", "challenger": "1"}
