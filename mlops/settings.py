@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     serve_gpus_per_replica: float = Field(
         default=0.1, ge=0, le=1, description="GPU share of a model replica on a GPU cluster."
     )
+    serve_router_replicas: int = Field(
+        default=2, ge=1, description="Minimum router replicas; each scores the primary model."
+    )
     serve_proxy_location: str = Field(
         default="EveryNode",
         description="Where Serve runs HTTP proxies: EveryNode, HeadOnly (one host, many nodes).",

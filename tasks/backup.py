@@ -494,24 +494,22 @@ def scratch_database(uri: str, label: str) -> str:
     import secrets
 
     name = f"mlops_{label}_{secrets.token_hex(4)}"
-    conn = _pg_connect(uri)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        conn.close()
-    parts = urlsplit(uri)
-    return urlunsplit(parts._replace(path=f"/{name}"))
+    _pg_admin(uri, f'CREATE DATABASE "{name}"')
+    return urlunsplit(urlsplit(uri)._replace(path=f"/{name}"))
 
 
 def drop_database(uri: str) -> None:
     name = urlsplit(uri).path.lstrip("/")
-    conn = _pg_connect(uri, dbname="postgres")
+    _pg_admin(uri, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', dbname="postgres")
+
+
+def _pg_admin(uri: str, statement: str, dbname: str | None = None) -> None:
+    """One statement outside a transaction (CREATE/DROP DATABASE need that)."""
+    conn = _pg_connect(uri, dbname=dbname)
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cur.execute(statement)
     finally:
         conn.close()
 

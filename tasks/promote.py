@@ -195,7 +195,7 @@ def app_from_state(settings: Settings, state: ServingState) -> Any:
 
     use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
     slots = {name: model_config(settings, m, use_gpu) for name, m in state.slots.items()}
-    return build_app(slots, state.router_config())
+    return build_app(slots, state.router_config(), settings.serve_router_replicas)
 
 
 def deploy_state(settings: Settings, state: ServingState) -> None:

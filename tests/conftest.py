@@ -27,6 +27,9 @@ for _var in (
 SESSION_DIR = tempfile.mkdtemp(prefix="mlops-tests-")
 os.environ["MLOPS_HOME"] = os.path.join(SESSION_DIR, "home")
 os.environ.setdefault("MLOPS_RAY_NUM_CPUS", "2")
+# One router replica (the default is 2): each loads the model, which costs the 2-core test
+# machine seconds per deployment. The production-profile test runs the default.
+os.environ.setdefault("MLOPS_SERVE_ROUTER_REPLICAS", "1")
 # Fake credentials for the loopback S3 endpoint (moto); never real ones.
 os.environ.update(
     {
