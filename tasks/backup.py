@@ -186,12 +186,15 @@ def sha256_file(path: str, chunk: int = CHUNK) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def copy_durably(src: str, dst: str) -> None:
-    """Copy a file beside ``dst`` in the kernel, fsync it, then rename it into place."""
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    name = f".tmp-{os.getpid()}-{threading.get_ident()}-{os.path.basename(dst)}"
-    tmp = os.path.join(parent, name)
+def stage_copy(src: str, directory: str) -> tuple[str, int, str]:
+    """Copy a file into ``directory`` in the kernel and fsync it; (sha256, size, temp path).
+
+    The hash is taken of the copy, not of the source, so a blob's name always matches its bytes
+    even if the source changes meanwhile.
+    """
+    os.makedirs(directory, exist_ok=True)
+    name = f".tmp-{os.getpid()}-{threading.get_ident()}-{os.path.basename(src)}"
+    tmp = os.path.join(directory, name)
     try:
         shutil.copyfile(src, tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -199,10 +202,12 @@ def copy_durably(src: str, dst: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, dst)
-    finally:
+        sha, size = sha256_file(tmp)
+    except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+    return sha, size, tmp
 
 
 def blob_rel(sha256: str) -> str:
@@ -787,12 +792,17 @@ def take_backup(
                 if sha is not None:
                     return FileEntry(src.path, sha, int(info["size"]), source_uri, stamp), 0
                 if src.storage.is_local and root.is_local:  # stream, bounded memory
-                    path = src.storage.path(src.rel)
-                    sha, size = sha256_file(path)
+                    sha, size, tmp = stage_copy(src.storage.path(src.rel), root.path(BLOBS))
                     written = 0
-                    if sha not in known:
-                        copy_durably(path, root.path(blob_rel(sha)))
-                        written = size
+                    try:
+                        if sha not in known:
+                            blob = root.path(blob_rel(sha))
+                            os.makedirs(os.path.dirname(blob), exist_ok=True)
+                            os.replace(tmp, blob)
+                            written = size
+                    finally:
+                        if os.path.exists(tmp):
+                            os.unlink(tmp)
                     return FileEntry(src.path, sha, size, source_uri, stamp), written
                 data = src.storage.read_bytes(src.rel)
             else:
