@@ -186,6 +186,13 @@ def train_trial(
         )
 
 
+def asha_bounds(budget: TuneBudget, grace_reports: int = 3) -> tuple[int, int]:
+    """(max_t, grace_period) in reports: ASHA stops no trial before 3 reports, or before its
+    last one when the budget allows fewer (ASHA refuses a grace period above max_t)."""
+    max_t = budget.max_rounds // budget.report_every + 1
+    return max_t, min(grace_reports, max_t)
+
+
 def gpu_slots(budget: TuneBudget, cluster_gpus: float) -> int:
     """How many trials may hold a GPU at once: the cluster's GPUs over the per-trial share."""
     if not budget.use_gpu or budget.gpus_per_trial <= 0:
@@ -279,7 +286,7 @@ def run_search(
         tune.with_parameters(train_trial, storage=storage, features=features, budget=budget),
         functools.partial(trial_resources, budget=budget),
     )
-    max_t = budget.max_rounds // budget.report_every + 1
+    max_t, grace = asha_bounds(budget)
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(),
@@ -287,7 +294,7 @@ def run_search(
             metric=METRIC,
             mode="max",
             search_alg=accelerator_searcher(OptunaSearch(seed=budget.seed), slots),
-            scheduler=ASHAScheduler(max_t=max_t, grace_period=3, reduction_factor=3),
+            scheduler=ASHAScheduler(max_t=max_t, grace_period=grace, reduction_factor=3),
             num_samples=budget.num_samples,
             max_concurrent_trials=budget.max_concurrent,
             time_budget_s=budget.time_limit_s,

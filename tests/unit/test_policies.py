@@ -99,3 +99,11 @@ def test_gpu_trials_fill_the_gpu_slots_and_the_rest_run_on_cpu() -> None:
     assert trial_resources({ACCELERATOR: "gpu"}, budget).bundles == [{"CPU": 1.0, "GPU": 0.5}]
     assert trial_resources({ACCELERATOR: "cpu"}, budget).bundles == [{"CPU": 1.0}]
     assert accelerator_searcher(Counting(), slots=0).suggest("t")[ACCELERATOR] == "cpu"
+
+
+def test_asha_grace_period_never_exceeds_the_round_budget() -> None:
+    from tasks.tune import TuneBudget, asha_bounds
+
+    assert asha_bounds(TuneBudget(max_rounds=300)) == (31, 3)
+    assert asha_bounds(TuneBudget(max_rounds=10)) == (2, 2)  # `mlops run --max-rounds 10`
+    assert asha_bounds(TuneBudget(max_rounds=5)) == (1, 1)
