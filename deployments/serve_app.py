@@ -469,6 +469,7 @@ class Router:
             "slot": self.primary,
             # "router": this replica scores the primary in-process; "slot": it forwards
             "scored_by": "router" if local is not None else "slot",
+            "replica": serve.get_replica_context().replica_id.unique_id,
         }
 
     @api.get("/slots/{slot}/healthz")
@@ -510,15 +511,42 @@ class Router:
         return {"written": written}
 
 
+def deployment_version(*parts: Any) -> str:
+    """A deployment's version: the replicas' code and their constructor arguments.
+
+    Serve restarts a deployment's replicas when its version changes and otherwise applies a
+    new ``user_config`` or autoscaling config in place. Without an explicit version every
+    ``serve.run`` is a new version: each promotion restarted the router, and under the HAProxy
+    ingress a restarting router can drop a connection. (``version`` is Serve's internal
+    option, the one its declarative config path sets.)
+    """
+    import hashlib
+    import inspect
+    import json
+    import sys
+
+    from mlops import features, inference_log
+
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], features, inference_log):
+        digest.update(inspect.getsource(module).encode())
+    digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
 def build_app(slots: dict, router_config: dict, router_replicas: int = ROUTER_REPLICAS) -> Any:
     """The application for a serving state: both slots plus the router's traffic config.
 
     ``router_replicas`` is the router's minimum (autoscaling up to twice that, at least 4).
+    A slot restarts only when its model changes; the router never restarts for a traffic
+    change or a new model (its ``user_config``), so promotion and rollback drop no request.
     """
     models = {
         name: FlightModel.options(
             name=f"model-{name}",
             ray_actor_options={"num_cpus": 0.25, "num_gpus": cfg.gpu_share if cfg.use_gpu else 0},
+            version=deployment_version("model", asdict(cfg)),
+            _internal=True,
         ).bind(asdict(cfg))
         for name, cfg in slots.items()
     }
@@ -528,9 +556,12 @@ def build_app(slots: dict, router_config: dict, router_replicas: int = ROUTER_RE
         "max_replicas": max(4, 2 * router_replicas),
         "target_ongoing_requests": 64,
     }
-    return Router.options(user_config=router_config, autoscaling_config=autoscaling).bind(
-        models["blue"], models["green"]
-    )
+    return Router.options(
+        user_config=router_config,
+        autoscaling_config=autoscaling,
+        version=deployment_version("router", MAX_ROWS_PER_REQUEST),
+        _internal=True,
+    ).bind(models["blue"], models["green"])
 
 
 def app_builder(args: dict) -> Any:

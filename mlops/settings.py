@@ -8,6 +8,7 @@ then runs against a Ray cluster, a Prefect server, an MLflow server and S3.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,12 @@ class Settings(BaseSettings):
     )
     serve_router_replicas: int = Field(
         default=2, ge=1, description="Minimum router replicas; each scores the primary model."
+    )
+    serve_ingress: Literal["haproxy", "proxy"] = Field(
+        default="haproxy",
+        description="Serve's HTTP ingress: 'haproxy' (Serve's managed HAProxy on the port, "
+        "forwarding to the router replicas' own HTTP servers) or 'proxy' (Serve's Python proxy "
+        "actors, which forward each request to a replica over Ray).",
     )
     serve_proxy_location: str = Field(
         default="EveryNode",

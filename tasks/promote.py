@@ -147,12 +147,19 @@ def live_version(base_url: str) -> str | None:
 
 
 def ensure_serve(settings: Settings) -> str:
-    """Start Ray Serve's controller and HTTP proxy if they are not running; returns the URL."""
+    """Start Ray Serve's controller and HTTP ingress if they are not running; returns the URL.
+
+    The controller gets the ingress environment itself: it starts the proxies and replicas,
+    whichever job first started Serve.
+    """
     from ray import serve
+
+    from mlops.runtime import serve_env
 
     serve.start(
         proxy_location=settings.serve_proxy_location,
         http_options={"host": settings.serve_host, "port": settings.serve_port},
+        controller_options={"runtime_env": {"env_vars": serve_env(settings)}},
     )
     return settings.serve_url
 

@@ -46,4 +46,16 @@ from mlops.runtime import free_port, prepare_process  # noqa: E402
 from mlops.settings import load_settings  # noqa: E402
 
 os.environ["MLOPS_SERVE_PORT"] = str(free_port())
+# Serve's HAProxy ingress also binds a stats, a metrics and a fallback-proxy port (8404, 9101,
+# 8500 by default): free ones, so that a second Serve instance on this machine (the
+# production-profile cluster, a developer's own) cannot collide with the session's. A router
+# replica that stops drains for 2 s here instead of Ray's 30 s for external load balancers.
+os.environ.update(
+    {
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+)
 prepare_process(load_settings(), launch_api=False)  # PREFECT_HOME, the local PREFECT_API_URL

@@ -246,6 +246,7 @@ def test_blue_green_promotion_and_rollback_drop_no_request(served: PipelineSumma
     settings = load_settings()
     client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     new = second_version(served)
+    routers = {httpx.get(f"{settings.serve_url}/healthz", timeout=30).json()["replica"]}
     with Load(requests_for(served, 1)) as load:
         result = promote(
             settings, promote_decision(new, served.model.version), new, served.features
@@ -269,6 +270,8 @@ def test_blue_green_promotion_and_rollback_drop_no_request(served: PipelineSumma
     ) == (new.version)
     live = httpx.get(f"{settings.serve_url}/version", timeout=30).json()
     assert live["version"] == served.model.version
+    # the traffic switches were applied in place: the same router replica answers
+    assert {httpx.get(f"{settings.serve_url}/healthz", timeout=30).json()["replica"]} == routers
 
 
 def test_canary_splits_traffic_then_aborts(served: PipelineSummary) -> None:
@@ -315,6 +318,13 @@ def test_serve_config_file_builds_the_application(served: PipelineSummary) -> No
     builder = getattr(importlib.import_module(module), name)
     assert isinstance(builder(app_cfg.get("args") or {}), Application)
     assert cfg["http_options"]["port"] == 8000
+    # `serve run`/`serve deploy` start the same HAProxy ingress as `mlops serve`
+    from ray.serve.schema import ServeDeploySchema
+
+    from mlops.runtime import SERVE_HAPROXY_ENV
+
+    schema = ServeDeploySchema.model_validate(cfg)
+    assert schema.controller_options.runtime_env["env_vars"] == SERVE_HAPROXY_ENV
 
 
 def test_mlops_serve_and_rollback_commands(served: PipelineSummary) -> None:

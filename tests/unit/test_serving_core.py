@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -167,3 +168,24 @@ def test_losing_the_log_never_raises(tmp_path: Path) -> None:
     assert log.flush() == 0  # no exception reaches the caller
     assert log.dropped == 1 and log.written == 0
     log.close()
+
+
+def test_serve_ingress_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HAProxy by default; the Python proxy adds nothing; an operator's RAY_SERVE_* win."""
+    from mlops.runtime import SERVE_HAPROXY_ENV, serve_env
+    from mlops.settings import load_settings
+
+    for key in [k for k in os.environ if k.startswith("RAY_SERVE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.delenv("MLOPS_SERVE_INGRESS", raising=False)
+    assert serve_env(load_settings()) == SERVE_HAPROXY_ENV
+    assert SERVE_HAPROXY_ENV["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert serve_env(load_settings(serve_ingress="proxy")) == {}
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_NBTHREAD", "4")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    env = serve_env(load_settings())
+    assert env["RAY_SERVE_HAPROXY_NBTHREAD"] == "4"
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    with pytest.raises(ValueError, match="serve_ingress"):
+        load_settings(serve_ingress="nginx")
