@@ -31,13 +31,25 @@ def prefect_client() -> Any:
     return get_client(sync_client=True)
 
 
-def task_runs(flow_run_id: str) -> list[Any]:
+def task_runs(flow_run_id: str, timeout_s: float = 30.0) -> list[Any]:
+    """The flow run's task runs, once each has a state.
+
+    Task runs in Ray workers report their states as events, which the server records a moment
+    later: a run read right after the flow ends can still have none.
+    """
+    import time
+
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + timeout_s
     with prefect_client() as client:
-        return client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            if all(r.state is not None for r in runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.2)
 
 
 def test_pipeline_lands_validates_trains_registers_and_serves(first_run: PipelineSummary) -> None:
