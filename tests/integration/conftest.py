@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from mlops.results import PipelineSummary
 from mlops.runtime import Runtime, free_port, runtime
 from mlops.settings import load_settings
+from tests.integration.servers import begin_early, close_early
 
 START, END = "2013-06-01", "2013-06-21"
 SMALL = {"trials": 2, "max_rounds": 60, "max_concurrent_trials": 2}
@@ -25,6 +27,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER)
 
     items.sort(key=rank)  # stable: keeps the order inside each module
+
+
+# The first test of each module -> the module after it, whose servers then start in the
+# background (tests/integration/servers.py, EarlyStart).
+EARLY_TRIGGERS: dict[str, str] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    modules: list[tuple[str, str]] = []  # (module name, its first test), in run order
+    for item in session.items:
+        name = item.module.__name__ if item.module else ""
+        if not modules or modules[-1][0] != name:
+            modules.append((name, item.nodeid))
+    for (_, first), (after, _) in itertools.pairwise(modules):
+        EARLY_TRIGGERS[first] = after
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.nodeid in EARLY_TRIGGERS:
+        begin_early(EARLY_TRIGGERS[item.nodeid])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    close_early()
 
 
 def window(frame: Any, start: str, end: str) -> Any:
