@@ -6,6 +6,7 @@ import io
 import itertools
 import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -79,8 +80,17 @@ def s3_endpoint() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def platform(s3_endpoint: str) -> Iterator[Runtime]:
-    """One embedded Ray and one Prefect API for the whole session, as `mlops run` starts them."""
-    with runtime(load_settings()) as rt:
+    """One embedded Ray and one Prefect API for the whole session, as `mlops run` starts them.
+
+    Its raylet keeps idle workers for a minute (Ray's default: a second, beyond one per CPU):
+    flows that fan out light tasks (daily maintenance: nine checks at num_cpus=0) then find
+    the workers the previous test started instead of starting and importing them again, two
+    at a time.
+    """
+    with ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as mp:  # read by the raylet when ray.init starts it
+            mp.setenv("RAY_idle_worker_killing_time_threshold_ms", "60000")
+            rt = stack.enter_context(runtime(load_settings()))
         yield rt
 
 
