@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from mlops.results import PipelineSummary
 from mlops.runtime import Runtime, free_port, runtime
 from mlops.settings import load_settings
+from tests.integration.servers import begin_early, close_early
 
 START, END = "2013-06-01", "2013-06-21"
 SMALL = {"trials": 2, "max_rounds": 60, "max_concurrent_trials": 2}
@@ -25,6 +28,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER)
 
     items.sort(key=rank)  # stable: keeps the order inside each module
+
+
+# The first test of each module -> the module after it, whose servers then start in the
+# background (tests/integration/servers.py, EarlyStart).
+EARLY_TRIGGERS: dict[str, str] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    modules: list[tuple[str, str]] = []  # (module name, its first test), in run order
+    for item in session.items:
+        name = item.module.__name__ if item.module else ""
+        if not modules or modules[-1][0] != name:
+            modules.append((name, item.nodeid))
+    for (_, first), (after, _) in itertools.pairwise(modules):
+        EARLY_TRIGGERS[first] = after
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.nodeid in EARLY_TRIGGERS:
+        begin_early(EARLY_TRIGGERS[item.nodeid])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    close_early()
 
 
 def window(frame: Any, start: str, end: str) -> Any:
@@ -53,8 +80,17 @@ def s3_endpoint() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def platform(s3_endpoint: str) -> Iterator[Runtime]:
-    """One embedded Ray and one Prefect API for the whole session, as `mlops run` starts them."""
-    with runtime(load_settings()) as rt:
+    """One embedded Ray and one Prefect API for the whole session, as `mlops run` starts them.
+
+    Its raylet keeps idle workers for a minute (Ray's default: a second, beyond one per CPU):
+    flows that fan out light tasks (daily maintenance: nine checks at num_cpus=0) then find
+    the workers the previous test started instead of starting and importing them again, two
+    at a time.
+    """
+    with ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as mp:  # read by the raylet when ray.init starts it
+            mp.setenv("RAY_idle_worker_killing_time_threshold_ms", "60000")
+            rt = stack.enter_context(runtime(load_settings()))
         yield rt
 
 

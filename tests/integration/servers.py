@@ -8,9 +8,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -104,10 +105,13 @@ def prefect_worker(pool: str, env: dict[str, str], log_dir: Path) -> Iterator[Pr
         proc.stop()
 
 
-def kill_tree_matching(marker: str, timeout: float = 15) -> None:
+def kill_tree_matching(marker: str, grace: float = 3) -> None:
     """Stop every process whose command line names ``marker``, with their children.
 
     ``ray stop`` would also stop every other Ray on the machine (another test session's, say).
+    Each gets SIGTERM, then SIGKILL after ``grace`` seconds: a throwaway test cluster keeps
+    nothing worth a longer wait (Ray's agents take 10 s or more to honour SIGTERM). A process
+    that exited but is not yet reaped (a zombie: its parent is gone) counts as stopped.
     """
     import psutil
 
@@ -127,12 +131,27 @@ def kill_tree_matching(marker: str, timeout: float = 15) -> None:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(list(procs), timeout=timeout)
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + grace
+    alive = [p for p in procs if running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if running(p)]
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
+    deadline = time.monotonic() + 10
+    while alive and time.monotonic() < deadline:  # SIGKILL is not instant either
+        time.sleep(0.05)
+        alive = [p for p in alive if running(p)]
 
 
 def ray_node_args(temp_dir: str, gpus: int, cpus: int, index: int) -> list[str]:
@@ -208,7 +227,9 @@ def mlflow_server(
         wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=180)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.stop()
+        # Its state is committed in PostgreSQL; a graceful stop waits on idle keep-alive
+        # connections (20 s, then SIGKILL anyway, when the cluster's clients went first).
+        proc.stop(timeout=3)
 
 
 @contextmanager
@@ -226,34 +247,122 @@ def run_deployment_on_a_worker(
 ) -> Any:
     """`prefect deployment run NAME --param k=v ...`, then a process worker runs it to the end.
 
+    The worker starts while the CLI creates the run (each spends seconds importing Prefect).
     Returns the flow run as the server holds it once it reached a final state.
     """
     args = [a for k, v in params.items() for a in ("--param", f"{k}={v}")]
-    started = subprocess.run(
-        [str(BIN / "prefect"), "deployment", "run", name, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert started.returncode == 0, started.stderr
-    run_id = next(
-        line.split("UUID:")[1].strip() for line in started.stdout.splitlines() if "UUID:" in line
-    )
-    pool = _pool_of(env, run_id)
+    with prefect_client(env["PREFECT_API_URL"]) as client:
+        pool = str(client.read_deployment_by_name(name).work_pool_name)
     with prefect_worker(pool, env, log_dir) as worker:
+        started = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", name, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert started.returncode == 0, started.stderr
+        run_id = next(
+            line.split("UUID:")[1].strip()
+            for line in started.stdout.splitlines()
+            if "UUID:" in line
+        )
         deadline = time.monotonic() + timeout
-        while True:
-            with prefect_client(env["PREFECT_API_URL"]) as client:
+        with prefect_client(env["PREFECT_API_URL"]) as client:
+            assert str(client.read_flow_run(run_id).work_pool_name) == pool
+            while True:
                 flow_run = client.read_flow_run(run_id)
-            if flow_run.state.is_final() or time.monotonic() > deadline:
-                break
-            worker.check_alive()
-            time.sleep(1)
+                if flow_run.state.is_final() or time.monotonic() > deadline:
+                    break
+                worker.check_alive()
+                time.sleep(0.25)
         assert flow_run.state.is_completed(), f"{flow_run.state!r}\n{worker.log_tail(60)}"
     return flow_run
 
 
-def _pool_of(env: dict[str, str], run_id: str) -> str:
-    with prefect_client(env["PREFECT_API_URL"]) as client:
-        return str(client.read_flow_run(run_id).work_pool_name)
+@contextmanager
+def started_together(*managers: AbstractContextManager[Any]) -> Iterator[list[Any]]:
+    """Enter independent context managers at once, one thread each, and exit them likewise.
+
+    Servers spend most of their start-up waiting (on imports, migrations, each other's ports),
+    so starting them side by side takes about as long as the slowest one alone.
+    """
+    with ThreadPoolExecutor(len(managers)) as pool:
+        entering = [pool.submit(m.__enter__) for m in managers]
+    entered = [m for m, f in zip(managers, entering, strict=True) if f.exception() is None]
+    try:
+        for f in entering:
+            if f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        yield [f.result() for f in entering]
+    finally:
+        with ThreadPoolExecutor(max(1, len(entered))) as pool:
+            exiting = [pool.submit(m.__exit__, None, None, None) for m in entered]
+        for f in exiting:
+            f.result()
+
+
+class EarlyStart:
+    """Servers a module needs, started in a background thread while the module before it runs.
+
+    A module registers a factory with :func:`start_early`; the integration conftest begins it
+    when the module that precedes it in the run starts; the module's fixture takes it over with
+    :func:`early_or_now` (which starts it then and there when nothing began it, e.g. a module run
+    on its own). Whatever is still open when the session ends is closed then.
+    """
+
+    factories: ClassVar[dict[str, Any]] = {}
+    begun: ClassVar[dict[str, EarlyStart]] = {}
+
+    def __init__(self, manager: AbstractContextManager[Any]) -> None:
+        import threading
+
+        self.manager = manager
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._enter, daemon=True)
+        self.thread.start()
+
+    def _enter(self) -> None:
+        try:
+            self.value = self.manager.__enter__()
+        except BaseException as exc:  # pytest.skip's exception too: re-raised in the fixture
+            self.error = exc
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.thread.join()
+        if self.error is None:
+            self.manager.__exit__(None, None, None)
+
+
+def start_early(module: str, factory: Any) -> None:
+    """Register ``factory`` (no arguments, returns a context manager) for ``module``."""
+    EarlyStart.factories[module] = factory
+
+
+def begin_early(module: str) -> None:
+    if module in EarlyStart.factories and module not in EarlyStart.begun:
+        EarlyStart.begun[module] = EarlyStart(EarlyStart.factories[module]())
+
+
+@contextmanager
+def early_or_now(module: str) -> Iterator[Any]:
+    """The module's early-started servers (waiting for their start-up to end), or new ones."""
+    begin_early(module)
+    early = EarlyStart.begun[module]
+    try:
+        early.thread.join()
+        if early.error is not None:
+            raise early.error
+        yield early.value
+    finally:
+        early.close()
+
+
+def close_early() -> None:
+    for early in EarlyStart.begun.values():
+        early.close()

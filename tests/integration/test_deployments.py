@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +22,11 @@ from mlops.runtime import free_port
 from tests.integration.servers import (
     BIN,
     base_env,
+    early_or_now,
     prefect_client,
     prefect_server,
     run_deployment_on_a_worker,
+    start_early,
 )
 
 pytestmark = pytest.mark.integration
@@ -34,9 +37,13 @@ DEPLOYED_AT: list[dt.datetime] = []
 TRAINING = next(d for d in SPEC if d["entrypoint"].endswith(":training_pipeline"))
 
 
+# The server starts while the module before this one runs (it waits for nothing of theirs).
+start_early(__name__, lambda: prefect_server(Path(tempfile.mkdtemp(prefix="prefect-server-"))))
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as url:
+def server() -> Iterator[str]:
+    with early_or_now(__name__) as url:
         yield url
 
 
@@ -50,6 +57,9 @@ def user_env(server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         MLOPS_HOME=str(home / "mlops"),
         MLOPS_SERVE_PORT=str(free_port()),
         MLOPS_RAY_NUM_CPUS="2",
+        # One router replica, as in the rest of the suite (tests/conftest.py): each replica
+        # loads the model, seconds on the 2-core test machine. The production profile runs 2.
+        MLOPS_SERVE_ROUTER_REPLICAS="1",
     )
     for var in ("MLOPS_EMBEDDED_PREFECT", "RAY_ADDRESS", "AWS_ENDPOINT_URL", "MLOPS_STORAGE_ROOT"):
         env.pop(var, None)

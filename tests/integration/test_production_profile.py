@@ -18,8 +18,9 @@ import json
 import os
 import secrets
 import subprocess
+import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,13 @@ from mlops.runtime import free_port
 from tests.integration.servers import (
     BIN,
     base_env,
+    early_or_now,
     mlflow_server,
     prefect_server,
     ray_cluster,
     run_deployment_on_a_worker,
+    start_early,
+    started_together,
 )
 
 pytestmark = pytest.mark.integration
@@ -67,8 +71,39 @@ class Production:
     log_dir: Path
 
 
+@contextmanager
+def moto_s3() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1, as the session's ``s3_endpoint`` (it shares its store)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@contextmanager
+def production_servers() -> Iterator[Production]:
+    """Databases, buckets and servers; started while the module before this one runs."""
+    home = Path(tempfile.mkdtemp(prefix="production-"))
+    with moto_s3() as s3_endpoint, _production_servers(s3_endpoint, home) as started:
+        yield started
+
+
+start_early(__name__, production_servers)
+
+
 @pytest.fixture(scope="module")
-def production(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]:
+def production() -> Iterator[Production]:
+    with early_or_now(__name__) as started:
+        yield started
+
+
+@contextmanager
+def _production_servers(s3_endpoint: str, home: Path) -> Iterator[Production]:
     import s3fs
 
     conn = postgres_or_skip()
@@ -82,7 +117,6 @@ def production(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> It
     for bucket in (LAKE, ARTIFACTS):
         if not fs.exists(bucket):
             fs.mkdir(bucket)
-    home = tmp_path_factory.mktemp("production")
     # Credentials come from the environment, as on a real cluster (fake ones for moto).
     common = base_env(
         AWS_ENDPOINT_URL=s3_endpoint,
@@ -106,23 +140,21 @@ def production(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> It
     ):
         common.pop(var, None)
     try:
-        with ExitStack() as stack:
-            ray_address = stack.enter_context(ray_cluster(common))
-            prefect_url = stack.enter_context(
-                prefect_server(
-                    home / "prefect-server",
-                    database_url=f"{server_root.replace('postgresql:', 'postgresql+asyncpg:')}"
-                    f"/{dbs['prefect']}",
-                )
-            )
-            mlflow_url = stack.enter_context(
-                mlflow_server(
-                    f"{server_root}/{dbs['mlflow']}",
-                    f"s3://{ARTIFACTS}/mlflow",
-                    {**common, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
-                    home,
-                )
-            )
+        # Started side by side: each mostly waits (imports, migrations, the raylets).
+        with started_together(
+            ray_cluster(common),
+            prefect_server(
+                home / "prefect-server",
+                database_url=f"{server_root.replace('postgresql:', 'postgresql+asyncpg:')}"
+                f"/{dbs['prefect']}",
+            ),
+            mlflow_server(
+                f"{server_root}/{dbs['mlflow']}",
+                f"s3://{ARTIFACTS}/mlflow",
+                {**common, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
+                home,
+            ),
+        ) as (ray_address, prefect_url, mlflow_url):
             env = {
                 **common,
                 "PREFECT_API_URL": prefect_url,
