@@ -64,10 +64,23 @@ def wait_http(url: str, proc: Process, timeout: float = 120) -> None:
     raise TimeoutError(f"{proc.name} did not answer {url} within {timeout:.0f}s")
 
 
+# Ports that Serve's HAProxy ingress binds besides the Serve port (8404, 9101, 8500 by default).
+SERVE_SIDE_PORTS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+)
+
+
 def base_env(**extra: str) -> dict[str, str]:
-    """This process's environment without the test session's own Prefect and mlops state."""
+    """This process's environment without the test session's own Prefect and mlops state.
+
+    A flow run started from it may start its own Ray and Serve beside the session's: its
+    HAProxy gets its own side ports, not the session's.
+    """
     own = ("PYTEST_", "PREFECT_", "MLOPS_", "MLFLOW_", "RAY_ADDRESS")  # mlflow exports its URI
     env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
+    env.update({name: str(free_port()) for name in SERVE_SIDE_PORTS})
     env.update(extra)
     return env
 

@@ -126,10 +126,6 @@ def _production_servers(s3_endpoint: str, home: Path) -> Iterator[Production]:
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(16),
         PREFECT_HOME=str(home / "prefect"),
-        # this cluster's HAProxy ingress beside the test session's own Serve instance
-        RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
-        RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
-        RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=str(free_port()),
     )
     for var in (
         "MLOPS_EMBEDDED_PREFECT",
