@@ -521,15 +521,23 @@ def deployment_version(*parts: Any) -> str:
     option, the one its declarative config path sets.)
     """
     import hashlib
-    import inspect
     import json
-    import sys
+    from pathlib import Path
 
-    from mlops import features, inference_log
+    import mlops
+    import tasks
 
     digest = hashlib.sha256()
-    for module in (sys.modules[__name__], features, inference_log):
-        digest.update(inspect.getsource(module).encode())
+    # Every module a replica can run, so that a new release restarts the replicas; the same
+    # files give the same version in every process that builds the application.
+    for package in (
+        Path(__file__).parent,
+        Path(mlops.__file__).parent,
+        Path(tasks.__file__).parent,
+    ):
+        for source in sorted(package.glob("*.py")):
+            digest.update(f"{package.name}/{source.name}".encode())
+            digest.update(source.read_bytes())
     digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 

@@ -189,3 +189,14 @@ def test_serve_ingress_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     with pytest.raises(ValueError, match="serve_ingress"):
         load_settings(serve_ingress="nginx")
+
+
+def test_deployment_versions_follow_constructor_arguments_only() -> None:
+    """A traffic switch keeps every version (applied in place); a new model changes its slot's."""
+    from deployments.serve_app import deployment_version
+
+    assert deployment_version("router", 10_000) == deployment_version("router", 10_000)
+    assert deployment_version("model", {"version": "1"}) != deployment_version(
+        "model", {"version": "2"}
+    )
+    assert deployment_version("router", 10_000) != deployment_version("router", 5_000)
