@@ -205,8 +205,13 @@ def app_from_state(settings: Settings, state: ServingState) -> Any:
     return build_app(slots, state.router_config(), settings.serve_router_replicas)
 
 
-def deploy_state(settings: Settings, state: ServingState) -> None:
-    """Apply a state; unchanged slots are untouched and a traffic change restarts nothing."""
+def deploy_state(settings: Settings, state: ServingState, timeout_s: float = 120.0) -> None:
+    """Apply a state and return once the router routes by it.
+
+    Unchanged slots are untouched and a traffic change restarts nothing: it is a ``user_config``
+    change that Serve hands to the running router replicas a moment after ``serve.run``
+    returns, so the live ``/version`` is read until every replica reports the new routing.
+    """
     from ray import serve
 
     serve.run(
@@ -215,6 +220,50 @@ def deploy_state(settings: Settings, state: ServingState) -> None:
         route_prefix="/",
         blocking=False,
     )
+    wait_until_routed(settings, state, timeout_s)
+
+
+def routed_as(answer: dict[str, Any] | None, state: ServingState) -> bool:
+    """Whether a router's ``/version`` answer shows the state's primary and canary."""
+    if answer is None:
+        return False
+    canary = None
+    if state.canary:
+        canary = {
+            "version": state.slots[state.canary].version,
+            "share": state.canary_share,
+            "slot": state.canary,
+        }
+    return (
+        answer.get("slot") == state.primary
+        and answer.get("version") == state.primary_model.version
+        and answer.get("canary") == canary
+    )
+
+
+def wait_until_routed(settings: Settings, state: ServingState, timeout_s: float) -> None:
+    import httpx
+
+    # The ingress spreads requests over the router replicas: enough answers in a row reach each.
+    need = 2 * max(4, 2 * settings.serve_router_replicas)
+    streak, deadline = 0, time.monotonic() + timeout_s
+    with httpx.Client(timeout=10.0) as client:
+        while streak < need:
+            if time.monotonic() > deadline:
+                raise ServingStateError(
+                    f"the application at {settings.serve_url} did not route to version "
+                    f"{state.primary_model.version} (slot {state.primary}) "
+                    f"within {timeout_s:.0f}s"
+                )
+            try:
+                resp = client.get(f"{settings.serve_url}/version")
+                answer = resp.json() if resp.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                answer = None
+            ok = routed_as(answer, state)
+            streak = streak + 1 if ok else 0
+            if not ok:
+                time.sleep(0.2)
 
 
 def slot_model_for(
@@ -366,11 +415,6 @@ def serve_champion(settings: Settings) -> ServingState:
         )
         state = initial(slot_model_for(settings, registry, champion, dims))
     deploy_state(settings, state)
-    deadline = time.monotonic() + 120
-    while live_version(settings.serve_url) != state.primary_model.version:
-        if time.monotonic() > deadline:
-            raise ServingStateError(f"the application at {settings.serve_url} did not come up")
-        time.sleep(0.5)
     save_state(settings, state)
     return state
 

@@ -200,3 +200,21 @@ def test_deployment_versions_follow_constructor_arguments_only() -> None:
         "model", {"version": "2"}
     )
     assert deployment_version("router", 10_000) != deployment_version("router", 5_000)
+
+
+def test_a_state_is_routed_only_when_the_router_reports_its_primary_and_canary() -> None:
+    from tasks.promote import routed_as
+
+    one = SlotModel("1", "run-1", "dims", "t1")
+    two = SlotModel("2", "run-2", "dims", "t2")
+    switched = switch(stage_on_standby(initial(one), two))
+    answer = {"version": "2", "slot": "green"}
+    assert routed_as(answer, switched)
+    assert not routed_as({"version": "1", "slot": "blue"}, switched)  # not yet reconfigured
+    assert not routed_as(None, switched)
+    canary = start_canary(stage_on_standby(initial(one), two), 0.1)
+    assert not routed_as({"version": "1", "slot": "blue"}, canary)
+    assert routed_as(
+        {"version": "1", "slot": "blue", "canary": {"version": "2", "share": 0.1, "slot": "green"}},
+        canary,
+    )
