@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from mlops.results import PipelineSummary
-from mlops.runtime import Runtime, free_port, runtime
+from mlops.runtime import Runtime, runtime
 from mlops.settings import load_settings
-from tests.integration.servers import begin_early, close_early
+from tests.integration.servers import begin_early, close_early, moto_s3
 
 START, END = "2013-06-01", "2013-06-21"
 SMALL = {"trials": 2, "max_rounds": 60, "max_concurrent_trials": 2}
@@ -63,19 +63,13 @@ def window(frame: Any, start: str, end: str) -> Any:
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 (the same way s3fs's own tests run)."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    os.environ["AWS_ENDPOINT_URL"] = url
-    try:
-        yield url
-    finally:
-        server.stop()
-        os.environ.pop("AWS_ENDPOINT_URL", None)
+    """moto's S3 server on 127.0.0.1, named in the environment for the whole session."""
+    with moto_s3() as url:
+        os.environ["AWS_ENDPOINT_URL"] = url
+        try:
+            yield url
+        finally:
+            os.environ.pop("AWS_ENDPOINT_URL", None)
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,21 @@ def wait_http(url: str, proc: Process, timeout: float = 120) -> None:
     raise TimeoutError(f"{proc.name} did not answer {url} within {timeout:.0f}s")
 
 
+@contextmanager
+def moto_s3() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (the way s3fs's own tests run); servers in one process
+    share moto's store."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
 # Ports that Serve's HAProxy ingress binds besides the Serve port (8404, 9101, 8500 by default).
 SERVE_SIDE_PORTS = (
     "RAY_SERVE_HAPROXY_STATS_PORT",

@@ -34,6 +34,7 @@ from tests.integration.servers import (
     base_env,
     early_or_now,
     mlflow_server,
+    moto_s3,
     prefect_server,
     ray_cluster,
     run_deployment_on_a_worker,
@@ -69,20 +70,6 @@ class Production:
     mlflow_db: str
     s3_endpoint: str
     log_dir: Path
-
-
-@contextmanager
-def moto_s3() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1, as the session's ``s3_endpoint`` (it shares its store)."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 @contextmanager
