@@ -222,7 +222,10 @@ def ray_cluster(env: dict[str, str], cpus_per_node: int = 2) -> Iterator[str]:
             head + ray_node_args(temp_dir, gpus=0, cpus=cpus_per_node, index=0),
             worker + ray_node_args(temp_dir, gpus=1, cpus=cpus_per_node, index=1),
         ):
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            # The nodes may start while another module's work holds both cores: give the
+            # raylet longer than Ray's default to register (it timed out once under that load).
+            node_env = {**env, "RAY_raylet_start_wait_time_s": "180"}
+            done = subprocess.run(cmd, env=node_env, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{done.stderr[-2000:]}")
         yield f"127.0.0.1:{port}"
