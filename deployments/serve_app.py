@@ -18,6 +18,7 @@
 
 # No ``from __future__ import annotations``: FastAPI and Serve read these annotations at runtime.
 
+import asyncio
 import gc
 import logging
 import posixpath
@@ -28,16 +29,15 @@ from dataclasses import asdict, dataclass
 from typing import Annotated, Any, NotRequired
 
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from mlops.serving_state import MODEL_MAX_REPLICAS
 
 log = logging.getLogger(__name__)
-api = FastAPI(title="flights-delay", version="2")
 MAX_ROWS_PER_REQUEST = 10_000
 ROUTER_REPLICAS = (
     2  # each scores the primary model in process: 1,000-row batches 38.6k -> 54.1k rows/s
@@ -137,17 +137,31 @@ class Scorer:
     """Features, prediction and answer for validated rows: the work per request, without Ray.
 
     The native booster scores the feature matrix in place (``inplace_predict``): no DMatrix and no
-    DataFrame per call, the same probabilities as the registered model's ``predict``.
+    DataFrame per call, the same probabilities as the registered model's ``predict``. Small
+    batches go to the same trees compiled to numpy arrays (``mlops.tree_scoring``), checked bit
+    for bit against the booster when the model loads: XGBoost's own per-call cost is most of a
+    one-flight request's scoring time. ``small_batch_rows=0`` keeps every batch on the booster
+    (GPU replicas score on their device).
     """
 
-    def __init__(self, booster: Any, lookups: Any, model_name: str, version: str) -> None:
+    def __init__(
+        self,
+        booster: Any,
+        lookups: Any,
+        model_name: str,
+        version: str,
+        small_batch_rows: int | None = None,
+    ) -> None:
         from mlops.features import FEATURE_COLUMNS
+        from mlops.tree_scoring import SMALL_BATCH_ROWS, BatchPredictor
 
         names = booster.feature_names
         if names is not None and list(names) != list(FEATURE_COLUMNS):
             raise ValueError(f"the model's features {names} are not {list(FEATURE_COLUMNS)}")
         self.booster, self.lookups = booster, lookups
         self.model_name, self.version = model_name, version
+        rows = SMALL_BATCH_ROWS if small_batch_rows is None else small_batch_rows
+        self.predict = BatchPredictor(booster, rows)
 
     def score(self, rows: list[dict]) -> tuple[list[dict], dict[str, Any] | None]:
         """Per-row answers, plus the columns the inference log keeps (None for no rows)."""
@@ -156,7 +170,7 @@ class Scorer:
         if not rows:
             return [], None
         feats = request_features(rows, self.lookups)
-        probs = self.booster.inplace_predict(feats.matrix)
+        probs = self.predict(feats.matrix)
         answers = [
             {
                 "probability_late": round(p, 6),
@@ -220,7 +234,7 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> LoadedModel:
     lookups = load_lookups(cfg.dims_uri, cfg.storage_options)
     path = posixpath.join(leaf, "carriers.json")
     carriers = sorted(json.loads(dims.read_bytes(path))) if dims.exists(path) else []
-    scorer = Scorer(booster, lookups, cfg.model_name, cfg.version)
+    scorer = Scorer(booster, lookups, cfg.model_name, cfg.version, None if device == "cpu" else 0)
     return LoadedModel(cfg, booster, lookups, carriers, device, scorer)
 
 
@@ -288,7 +302,7 @@ class FlightModel:
         flat = [row for b in batches for row in b]
         answers, logged = self.scorer.score(flat)
         if logged is not None:
-            self.log.append(logged)
+            self.log.append(logged, len(flat))
             self.predictions.inc(len(flat), tags={"model_version": self.cfg.version})
         results, start = [], 0
         for b in batches:
@@ -305,41 +319,31 @@ class LocalModel:
     carriers: frozenset[str]
     log: Any  # InferenceLog
 
-    def score(self, rows: list[dict], counter: Any) -> bytes:
+    def score(self, rows: list[dict]) -> bytes:
         answers, logged = self.model.scorer.score(rows)
         if logged is not None:
-            self.log.append(logged)
-            counter.inc(len(rows), tags={"model_version": self.model.cfg.version})
+            self.log.append(logged, len(rows))
         return self.model.scorer.answer(answers)
 
     def close(self) -> None:
         self.log.close()
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=256,
-    autoscaling_config={
-        "min_replicas": ROUTER_REPLICAS,
-        "max_replicas": 4,
-        "target_ongoing_requests": 64,
-    },
-    logging_config={"enable_access_log": False, "log_level": "WARNING"},
-)
-@serve.ingress(api)
-class Router:
-    def __init__(self, blue: Any, green: Any, max_rows: int = MAX_ROWS_PER_REQUEST) -> None:
+class RequestMetrics:
+    """The router's request metrics, counted in process and handed to Ray once a second.
+
+    Prometheus sees them through Ray's metrics: requests by status and slot, errors, a latency
+    histogram by slot and predictions by model version. Each Ray metric call costs tens of
+    microseconds, so the counters are summed here and added to Ray's in one call per series
+    and second; the histogram takes every latency as it comes. A replica that stops loses at
+    most its last second of counts.
+    """
+
+    FLUSH_EVERY_S = 1.0
+
+    def __init__(self) -> None:
         from ray.serve.metrics import Counter, Histogram
 
-        self.slots = {"blue": blue, "green": green}
-        self.max_rows = max_rows
-        self.primary, self.canary, self.canary_share = "blue", None, 0.0
-        self._info: dict[str, dict] = {}
-        self._models: dict[str, ModelConfig] = {}
-        self._local: LocalModel | None = None
-        self._loading: ModelConfig | None = None
-        self._load_lock = threading.Lock()
-        self.predictions = _predictions_counter()
         self.requests = Counter(
             "flights_requests_total",
             description="HTTP requests to /predict, by status and slot.",
@@ -354,6 +358,58 @@ class Router:
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
             tag_keys=("slot",),
         )
+        self.predictions = _predictions_counter()
+        self._answered: dict[tuple[str, int], int] = {}
+        self._predicted: dict[str, int] = {}
+        self._flusher: asyncio.Task | None = None
+
+    def answered(self, slot: str, status: int, latency_ms: float) -> None:
+        key = (slot, status)
+        self._answered[key] = self._answered.get(key, 0) + 1
+        self.latency.observe(latency_ms, tags={"slot": slot})
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    def predicted(self, version: str, rows: int) -> None:
+        self._predicted[version] = self._predicted.get(version, 0) + rows
+
+    def flush(self) -> None:
+        answered, self._answered = self._answered, {}
+        predicted, self._predicted = self._predicted, {}
+        for (slot, status), n in answered.items():
+            self.requests.inc(n, tags={"status": str(status), "slot": slot})
+            if status >= 400:
+                self.errors.inc(n)
+        for version, n in predicted.items():
+            self.predictions.inc(n, tags={"model_version": version})
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.FLUSH_EVERY_S)
+            self.flush()
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=256,
+    autoscaling_config={
+        "min_replicas": ROUTER_REPLICAS,
+        "max_replicas": 4,
+        "target_ongoing_requests": 64,
+    },
+    logging_config={"enable_access_log": False, "log_level": "WARNING"},
+)
+class Router:
+    def __init__(self, blue: Any, green: Any, max_rows: int = MAX_ROWS_PER_REQUEST) -> None:
+        self.slots = {"blue": blue, "green": green}
+        self.max_rows = max_rows
+        self.primary, self.canary, self.canary_share = "blue", None, 0.0
+        self._info: dict[str, dict] = {}
+        self._models: dict[str, ModelConfig] = {}
+        self._local: LocalModel | None = None
+        self._loading: ModelConfig | None = None
+        self._load_lock = threading.Lock()
+        self.metrics = RequestMetrics()
 
     def reconfigure(self, config: dict) -> None:
         """Traffic switch, applied live (no restart): primary slot, canary slot and its share.
@@ -421,6 +477,38 @@ class Router:
             return self.canary
         return self.primary
 
+    async def __call__(self, request: Request) -> Response:
+        """The HTTP ingress: one dispatch on method and path, no web framework in between.
+
+        A FastAPI app here cost a router about a tenth of its CPU per request in middleware and
+        routing (benchmarks/README.md); the routes are few and fixed.
+        """
+        method, path = request.scope["method"], request.scope["path"].rstrip("/") or "/"
+        if path == "/predict":
+            if method == "POST":
+                return await self._predict(request, self._pick_slot())
+        elif path in ("/healthz", "/version"):
+            if method == "GET":
+                answer = self.healthz() if path == "/healthz" else self.version()
+                return json_response(await answer)
+        elif path.startswith("/slots/") and path.count("/") == 3:
+            _, _, slot, action = path.split("/")
+            if action in ("predict", "healthz"):
+                if method != ("POST" if action == "predict" else "GET"):
+                    return json_response({"detail": "Method Not Allowed"}, 405)
+                if slot not in self.slots:
+                    return json_response({"detail": f"unknown slot {slot!r}"}, 404)
+                if action == "predict":
+                    return await self._predict(request, slot)
+                return json_response(await self.healthz_slot(slot))
+            return json_response({"detail": "Not Found"}, 404)
+        elif path == "/admin/flush-log":
+            if method == "POST":
+                return json_response(await self.flush_log())
+        else:
+            return json_response({"detail": "Not Found"}, 404)
+        return json_response({"detail": "Method Not Allowed"}, 405)
+
     async def _predict(self, request: Request, slot: str) -> Response:
         t0 = time.perf_counter()
         status = 500
@@ -434,7 +522,9 @@ class Router:
             if status != 200:
                 return json_response({"detail": rows}, status_code=status)
             if local is not None:
-                body = local.score(rows, self.predictions)
+                body = local.score(rows)
+                if rows:
+                    self.metrics.predicted(local.model.cfg.version, len(rows))
             else:
                 body = await self.slots[slot].predict.remote(rows)
             # The answer is already JSON: add the slot without decoding it again.
@@ -442,22 +532,8 @@ class Router:
                 body[:-1] + b',"slot":"' + slot.encode() + b'"}', media_type="application/json"
             )
         finally:
-            self.requests.inc(tags={"status": str(status), "slot": slot})
-            if status >= 400:
-                self.errors.inc()
-            self.latency.observe((time.perf_counter() - t0) * 1000, tags={"slot": slot})
+            self.metrics.answered(slot, status, (time.perf_counter() - t0) * 1000)
 
-    @api.post("/predict")
-    async def predict(self, request: Request) -> Response:
-        return await self._predict(request, self._pick_slot())
-
-    @api.post("/slots/{slot}/predict")
-    async def predict_slot(self, slot: str, request: Request) -> Response:
-        if slot not in self.slots:
-            return JSONResponse({"detail": f"unknown slot {slot!r}"}, status_code=404)
-        return await self._predict(request, slot)
-
-    @api.get("/healthz")
     async def healthz(self) -> dict:
         await self.slots[self.primary].check_health.remote()  # the replica's own health check
         info = await self._slot_info(self.primary)
@@ -472,16 +548,12 @@ class Router:
             "replica": serve.get_replica_context().replica_id.unique_id,
         }
 
-    @api.get("/slots/{slot}/healthz")
-    async def healthz_slot(self, slot: str) -> JSONResponse:
-        if slot not in self.slots:
-            return JSONResponse({"detail": f"unknown slot {slot!r}"}, status_code=404)
+    async def healthz_slot(self, slot: str) -> dict:
         self._info.pop(slot, None)  # a re-deployed slot may hold a new version
         await self.slots[slot].check_health.remote()
         info = await self._slot_info(slot)
-        return JSONResponse({"status": "ok", "version": info["version"], "slot": slot})
+        return {"status": "ok", "version": info["version"], "slot": slot}
 
-    @api.get("/version")
     async def version(self) -> dict:
         info = await self._slot_info(self.primary)
         out = {
@@ -502,7 +574,6 @@ class Router:
             }
         return out
 
-    @api.post("/admin/flush-log")
     async def flush_log(self) -> dict:
         local = self._local
         written = local.log.flush() if local is not None else 0

@@ -41,13 +41,14 @@ class InferenceLog:
         self._thread = threading.Thread(target=self._loop, name="inference-log", daemon=True)
         self._thread.start()
 
-    def append(self, rows: Any) -> None:
+    def append(self, rows: Any, n: int | None = None) -> None:
         """O(1) on the request path: hand rows to the writer, which builds the frames.
 
         ``rows`` is a DataFrame, a list of row dicts, or a dict of equally long columns (scalars
         repeat); turning them into a DataFrame costs about a millisecond, so the writer does it.
+        ``n``, the number of rows, saves counting them when the caller knows it.
         """
-        n = _count(rows)
+        n = _count(rows) if n is None else n
         with self._lock:
             self._frames.append(rows)
             self._buffered += n

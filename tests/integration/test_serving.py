@@ -117,6 +117,18 @@ def test_empty_oversized_and_malformed_bodies(served: PipelineSummary) -> None:
     assert broken.status_code == 400
 
 
+def test_unknown_paths_methods_and_slots(served: PipelineSummary) -> None:
+    url, one = load_settings().serve_url, requests_for(served, 1)
+    assert httpx.get(f"{url}/nowhere", timeout=30).status_code == 404
+    assert httpx.get(f"{url}/predict", timeout=30).status_code == 405
+    assert httpx.post(f"{url}/version", timeout=30).status_code == 405
+    unknown = post(one, "/slots/purple/predict")
+    assert unknown.status_code == 404 and "purple" in unknown.json()["detail"]
+    assert post(one, "/slots/blue/elsewhere").status_code == 404
+    slot = httpx.get(f"{url}/slots/blue/healthz", timeout=30)
+    assert slot.status_code == 200 and slot.json()["slot"] == "blue"
+
+
 def test_single_flight_and_unknown_lookups_still_predict(served: PipelineSummary) -> None:
     flight = dict(
         requests_for(served, 1)[0],
@@ -182,11 +194,23 @@ def test_metrics_are_exported_in_prometheus_format(served: PipelineSummary) -> N
 
 
 class Load:
-    """A bounded loopback load generator: a few threads posting one flight each, continuously."""
+    """A bounded loopback load generator: a few threads posting one flight each, continuously.
 
-    def __init__(self, body: list[dict[str, Any]], threads: int = 3, max_requests: int = 4000):
+    Each thread sends at most ``rate_per_thread`` requests a second, so that the request bound
+    outlasts a promotion and a rollback however fast the server answers; ``capped`` tells when
+    it did not.
+    """
+
+    def __init__(
+        self,
+        body: list[dict[str, Any]],
+        threads: int = 3,
+        max_requests: int = 20_000,
+        rate_per_thread: float = 100.0,
+    ):
         self.url = f"{load_settings().serve_url}/predict"
         self.body, self.max_requests = body, max_requests
+        self.pause_s = 1.0 / rate_per_thread
         self.statuses: Counter[int] = Counter()
         self.versions: Counter[str] = Counter()
         self.failures: list[str] = []
@@ -206,6 +230,11 @@ class Load:
                 except httpx.HTTPError as exc:
                     with self._lock:
                         self.failures.append(repr(exc))
+                time.sleep(self.pause_s)
+
+    @property
+    def capped(self) -> bool:
+        return sum(self.statuses.values()) + len(self.failures) >= self.max_requests
 
     def __enter__(self) -> Load:
         for t in self._threads:
@@ -259,7 +288,7 @@ def test_blue_green_promotion_and_rollback_drop_no_request(served: PipelineSumma
         back = rollback_serving(settings)
         time.sleep(2)
     assert load.failures == [] and set(load.statuses) == {200}, (load.statuses, load.failures[:3])
-    assert sum(load.statuses.values()) > 50
+    assert sum(load.statuses.values()) > 50 and not load.capped  # it ran through the switches
     assert load.versions[new.version] > 0 and load.versions[served.model.version] > 0
     assert back.primary_model.version == served.model.version
     assert str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version) == (

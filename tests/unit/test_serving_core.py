@@ -92,6 +92,15 @@ def test_scorer_matches_the_registered_booster_on_real_flights() -> None:
     assert [("plane" in a["missing"]) for a in answers] == no_plane.tolist()
     np.testing.assert_array_equal(logged["probability_late"], expected)
     assert Scorer(booster, lookups, "flights-delay", "7").score([]) == ([], None)
+    # Small batches take the compiled trees (mlops.tree_scoring): the same answers.
+    scorer = Scorer(booster, lookups, "flights-delay", "7")
+    assert scorer.predict.compiled is not None
+    for start in range(0, 200, 40):
+        small, small_logged = scorer.score(rows[start : start + 40])
+        assert small == answers[start : start + 40]
+        np.testing.assert_array_equal(
+            small_logged["probability_late"], expected[start : start + 40]
+        )
 
 
 def test_blue_green_then_rollback() -> None:
