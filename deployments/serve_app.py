@@ -4,19 +4,22 @@
   ``mlops.features.request_features``, the pandas-free twin of the ``build_features`` the Ray Data
   transform uses (tests hold the two equal on real flights), with weather and plane attributes
   looked up from the curated dimensions of the model's feature snapshot, so training and serving
-  cannot skew. The XGBoost booster scores a float64 matrix in place. Requests are scored in
-  dynamic batches (``@serve.batch``); every answered row goes to the inference log off the
-  request path. ``Scorer`` is that per-request work as a plain class, shared with the bare
-  FastAPI server the benchmark compares against.
-- ``Router`` is the HTTP ingress. It validates requests, sends traffic to the primary slot (and a
-  share to a canary slot), and exposes ``/predict``, ``/healthz``, ``/version`` and per-slot
-  endpoints for smoke checks. Switching traffic is a ``user_config`` change, applied live by
-  ``reconfigure`` without restarting anything: promotion and rollback drop no request. The
-  router also loads the primary slot's model and, once loaded, scores ``/predict`` for it in
-  process: every hop through Ray costs milliseconds of CPU on a small machine.
+  cannot skew. Small batches are scored by the booster's trees compiled to numpy arrays
+  (``mlops.tree_scoring``: bit for bit XGBoost's answers, checked at load), larger ones by the
+  booster in place on a float64 matrix. Requests are scored in dynamic batches
+  (``@serve.batch``); every answered row goes to the inference log off the request path.
+  ``Scorer`` is that per-request work as a plain class, shared with the bare FastAPI server the
+  benchmark compares against.
+- ``Router`` is the HTTP ingress, a plain deployment whose ``__call__`` dispatches the routes. It
+  validates requests, sends traffic to the primary slot (and a share to a canary slot), and
+  exposes ``/predict``, ``/healthz``, ``/version`` and per-slot endpoints for smoke checks.
+  Switching traffic is a ``user_config`` change, applied live by ``reconfigure`` without
+  restarting anything: promotion and rollback drop no request. The router also loads the
+  primary slot's model and, once loaded, scores ``/predict`` for it in process: every hop
+  through Ray costs milliseconds of CPU on a small machine.
 """
 
-# No ``from __future__ import annotations``: FastAPI and Serve read these annotations at runtime.
+# No ``from __future__ import annotations``: Serve and pydantic read these annotations at runtime.
 
 import asyncio
 import gc
