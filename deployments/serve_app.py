@@ -486,7 +486,11 @@ class Router:
         A FastAPI app here cost a router about a tenth of its CPU per request in middleware and
         routing (benchmarks/README.md); the routes are few and fixed.
         """
-        method, path = request.scope["method"], request.scope["path"].rstrip("/") or "/"
+        scope = request.scope
+        path, root = scope["path"], scope.get("root_path", "").rstrip("/")
+        if root and path.startswith(root):  # an application under a route prefix
+            path = path[len(root) :]
+        method, path = scope["method"], path.rstrip("/") or "/"
         if path == "/predict":
             if method == "POST":
                 return await self._predict(request, self._pick_slot())

@@ -11,9 +11,10 @@ Bit for bit means the same float32 arithmetic: inputs rounded to float32, ``x < 
 right, a missing value (NaN) takes the node's default branch, leaf values added to the base
 margin one tree after another in float32, and the logistic link computed with the C library's
 ``expf`` as XGBoost's own build computes it. :meth:`CompiledTrees.verified` proves it per model
-before the compiled trees are used: on rows built from the model's own split values (each split
-value, the float just below it, and missing) every probability must equal XGBoost's exactly.
-Otherwise XGBoost scores everything. Models this module does not cover (categorical splits,
+before the compiled trees are used: rows built from the model's own split values (each split
+value, the float just below it, and missing) must reach the same leaf in every tree as XGBoost's
+``pred_leaf`` says, and every probability must equal XGBoost's exactly. Otherwise XGBoost scores
+everything. Models this module does not cover (categorical splits,
 vector leaves, DART, other objectives) also stay with XGBoost.
 """
 
