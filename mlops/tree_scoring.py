@@ -45,7 +45,7 @@ class _LibM:
             fn.restype, fn.argtypes = ctypes.c_float, [ctypes.c_float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # numpy fields: identity, not value, equality
 class CompiledTrees:
     """A gbtree ensemble as flat arrays over all nodes of all trees.
 
