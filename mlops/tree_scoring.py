@@ -179,19 +179,19 @@ class CompiledTrees:
         the same leaf in every tree, and the same prediction."""
         try:
             compiled = cls.from_booster(booster)
-        except (KeyError, ValueError, TypeError, OSError) as exc:
+            if compiled is None:
+                return None
+            import xgboost as xgb
+
+            rows = compiled.check_rows(n_rows)
+            matrix = xgb.DMatrix(rows, missing=np.nan, feature_names=booster.feature_names)
+            leaves = booster.predict(matrix, pred_leaf=True).reshape(n_rows, -1)
+            expected = np.asarray(booster.inplace_predict(rows), np.float32)
+            routed = np.all(compiled.leaves(rows) == leaves, axis=1)
+            scored = compiled.predict(rows) == expected
+        except Exception as exc:  # the fast path must never keep a model from serving
             log.warning("tree scoring: the model could not be compiled (%s); XGBoost scores", exc)
             return None
-        if compiled is None:
-            return None
-        import xgboost as xgb
-
-        rows = compiled.check_rows(n_rows)
-        matrix = xgb.DMatrix(rows, missing=np.nan, feature_names=booster.feature_names)
-        leaves = booster.predict(matrix, pred_leaf=True).reshape(n_rows, -1)
-        expected = np.asarray(booster.inplace_predict(rows), np.float32)
-        routed = np.all(compiled.leaves(rows) == leaves, axis=1)
-        scored = compiled.predict(rows) == expected
         if not (routed.all() and scored.all()):
             log.warning(
                 "tree scoring: %d of %d check rows differ from XGBoost; XGBoost scores",

@@ -95,6 +95,22 @@ def test_a_compiled_model_that_differs_is_never_used(
     np.testing.assert_array_equal(predictor(matrix), booster.inplace_predict(matrix))
 
 
+def test_a_model_that_cannot_be_compiled_still_serves(
+    flights_xy: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    x, y = flights_xy
+    booster = train(x, y, 3)
+
+    def unreadable(_booster: Any) -> CompiledTrees:
+        raise AttributeError("a model file this module does not know")
+
+    monkeypatch.setattr(CompiledTrees, "from_booster", staticmethod(unreadable))
+    predictor = BatchPredictor(booster)
+    assert predictor.compiled is None and "could not be compiled" in caplog.text
+    matrix = x.to_numpy(dtype="float64")[:3]
+    np.testing.assert_array_equal(predictor(matrix), booster.inplace_predict(matrix))
+
+
 def test_check_rows_sit_on_split_values_just_below_them_and_missing(flights_xy: Any) -> None:
     x, y = flights_xy
     compiled = CompiledTrees.from_booster(train(x, y, 5))
