@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -202,14 +203,9 @@ class CompiledTrees:
         return compiled
 
 
-_LIBM: _LibM | None = None
-
-
+@functools.cache
 def _libm() -> _LibM:
-    global _LIBM
-    if _LIBM is None:
-        _LIBM = _LibM()
-    return _LIBM
+    return _LibM()
 
 
 def _tree_depth(left: np.ndarray, right: np.ndarray) -> int:
