@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from mlops.registry import CHAMPION
 from mlops.results import PipelineSummary
 from mlops.runtime import Runtime, runtime
 from mlops.settings import load_settings
@@ -18,16 +19,47 @@ from tests.integration.servers import begin_early, close_early, moto_s3
 
 START, END = "2013-06-01", "2013-06-21"
 SMALL = {"trials": 2, "max_rounds": 60, "max_concurrent_trials": 2}
-# Modules share one registry and one serving application, so they run in this order.
-MODULE_ORDER = ("test_cli", "test_training_pipeline", "test_serving")
+
+
+def shuffle_seed() -> int | None:
+    """The seed of the integration modules' order: MLOPS_TEST_SHUFFLE=N, or a new one in CI.
+
+    Every module builds the state it needs through fixtures, so any order must pass; CI runs a
+    new order each time (the seed is printed, and MLOPS_TEST_SHUFFLE=N replays it). Elsewhere
+    the order is the files' own unless MLOPS_TEST_SHUFFLE is set ('random' picks a seed).
+    """
+    import random
+
+    value = os.environ.get("MLOPS_TEST_SHUFFLE", "").strip()
+    if value.isdigit():
+        return int(value)
+    if value == "random" or (not value and os.environ.get("CI")):
+        return random.SystemRandom().randrange(10**6)
+    return None
+
+
+SEED = shuffle_seed()
+
+
+def pytest_report_header() -> str:
+    if SEED is None:
+        return "integration modules: in file order (MLOPS_TEST_SHUFFLE=N shuffles them)"
+    return f"integration modules: shuffled, seed {SEED} (MLOPS_TEST_SHUFFLE={SEED} replays it)"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        return MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER)
+    """Unit tests first, then the integration modules, shuffled as a whole when SEED is set;
+    the tests inside a module keep their order."""
+    import random
 
-    items.sort(key=rank)  # stable: keeps the order inside each module
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.module.__name__ if item.module else "", []).append(item)
+    unit = [m for m in modules if ".integration." not in m]
+    integration = [m for m in modules if ".integration." in m]
+    if SEED is not None:
+        random.Random(SEED).shuffle(integration)
+    items[:] = [item for m in unit + integration for item in modules[m]]
 
 
 # The first test of each module -> the module after it, whose servers then start in the
@@ -43,6 +75,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             modules.append((name, item.nodeid))
     for (_, first), (after, _) in itertools.pairwise(modules):
         EARLY_TRIGGERS[first] = after
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    order = [name.rsplit(".", 1)[-1] for name, _ in modules if ".integration." in name]
+    if reporter is not None and order:
+        reporter.write_line(f"integration module order: {', '.join(order)}")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -110,3 +146,54 @@ def first_run(platform: Runtime, s3_source: str) -> PipelineSummary:
     from flows.training import training_pipeline
 
     return training_pipeline(start=START, end=END, source=s3_source, **SMALL)
+
+
+def serve_as_champion(run: PipelineSummary) -> None:
+    """Make ``run``'s model the session registry's champion and serve it, whatever came before.
+
+    Modules that need a known champion start from here instead of from what the modules
+    before them left behind (they may run in any order, or alone).
+    """
+    from mlflow.tracking import MlflowClient
+
+    from tasks.promote import serve_champion
+
+    settings = load_settings()
+    MlflowClient(
+        settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
+    ).set_registered_model_alias(settings.model_name, CHAMPION, run.model.version)
+    state = serve_champion(settings)
+    assert state.primary_model.version == run.model.version
+
+
+def prefect_client() -> Any:
+    """A client of the session's Prefect API (the process default, tests/conftest.py)."""
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def task_runs(flow_run_id: str, timeout_s: float = 30.0) -> list[Any]:
+    """The flow run's task runs, once each has a state.
+
+    Task runs in Ray workers report their states as events, which the server records a moment
+    later: a run read right after the flow ends can still have none.
+    """
+    import time
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout_s
+    with prefect_client() as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            if all(r.state is not None for r in runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.2)
+
+
+def stage_states(flow_run_id: str) -> dict[str, str]:
+    """Each stage's final state name in a flow run: 'Completed', 'Cached', 'Failed', ..."""
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in task_runs(flow_run_id)}

@@ -7,7 +7,8 @@
 - MLflow: `mlflow server` on PostgreSQL with artifacts in S3 (moto's server on loopback).
 - S3: the storage root and the MLflow artifacts.
 
-Skipped, saying why, when PostgreSQL does not answer (CI's machine has it on 127.0.0.1:5432).
+Skipped, saying why, when PostgreSQL does not answer on a developer's machine; in CI (``CI``
+is set) that is a failure, since CI's machine has it on 127.0.0.1:5432.
 The GPU node only declares the resource: there is no device here, so GPU trials log the CPU
 fallback; placement on the GPU node is what this checks.
 """
@@ -56,7 +57,10 @@ def postgres_or_skip() -> Any:
     try:
         conn = psycopg2.connect(POSTGRES, connect_timeout=3)
     except psycopg2.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES}: {str(exc).strip().splitlines()[0]}")
+        why = f"PostgreSQL not reachable at {POSTGRES}: {str(exc).strip().splitlines()[0]}"
+        if os.environ.get("CI"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
     conn.autocommit = True
     return conn
 

