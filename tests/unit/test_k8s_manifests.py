@@ -225,7 +225,7 @@ def test_the_checks_fail_when_the_code_asks_for_more(cluster_settings: Settings)
 
 def test_every_image_is_the_one_tag_built_for_the_locked_ray_version() -> None:
     lock = (ROOT / "requirements.lock").read_text()
-    ray_version = re.search(r"^ray==(\S+)$", lock, re.M).group(1)
+    ray_version = re.search(r"^ray==([^\s\\]+)(?: \\)?$", lock, re.M).group(1)
     images = {container(g)["image"] for g in groups().values()}
     images.add(variable_default("image"))
     assert len(images) == 1, images
