@@ -237,6 +237,16 @@ def test_every_image_is_the_one_tag_built_for_the_locked_ray_version() -> None:
     assert "-r requirements.lock" in DOCKERFILE and "--no-deps ." in DOCKERFILE
 
 
+def test_the_image_installs_the_runtime_lock_only_with_hashes() -> None:
+    lock = (ROOT / "requirements.lock").read_text()
+    pinned = set(re.findall(r"^([a-z0-9][a-z0-9._-]*)==", lock, re.M))
+    assert {"ray", "xgboost", "mlflow", "prefect"} <= pinned
+    # No test or dev tools in the image; xgboost's NCCL is left out on purpose (single-GPU trials).
+    assert not pinned & {"pytest", "moto", "ruff", "deptry", "import-linter", "nvidia-nccl-cu12"}
+    assert lock.count("==") == len(pinned) and lock.count("--hash=sha256:") >= len(pinned)
+    assert "--require-hashes" in DOCKERFILE and "requirements-dev.lock" not in DOCKERFILE
+
+
 def test_the_work_pool_template_has_prefects_shape() -> None:
     from prefect.utilities.templating import find_placeholders
 
