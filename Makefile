@@ -43,7 +43,9 @@ test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/deptry .
 
 bench: setup
 	$(BIN)/python benchmarks/bench_pipeline.py $(ARGS)
