@@ -20,7 +20,8 @@ $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-# `uv pip sync` installs exactly the lock (hashes checked) and removes anything else.
+# `uv pip sync` installs exactly the lock (hashes checked) and removes anything else (it keeps
+# only pip, setuptools and uv).
 $(VENV)/.installed: requirements-dev.lock pyproject.toml | $(BIN)/uv
 	$(BIN)/uv pip sync --quiet --compile-bytecode --require-hashes --python $(BIN)/python requirements-dev.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
