@@ -97,6 +97,32 @@ def window(frame: Any, start: str, end: str) -> Any:
     return frame[(dates >= start) & (dates <= end)]
 
 
+def reset_mlflow_default() -> None:
+    """Forget MLflow's process-wide tracking and registry URIs.
+
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which Settings reads: code
+    run in this process against another home (a restore, the drill) would otherwise point
+    every later module at that home's registry.
+    """
+    import sys
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(var, None)
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def clean_mlflow_default() -> Iterator[None]:
+    """Each test starts and ends with no MLflow process default (reset_mlflow_default)."""
+    reset_mlflow_default()
+    yield
+    reset_mlflow_default()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """moto's S3 server on 127.0.0.1, named in the environment for the whole session."""
