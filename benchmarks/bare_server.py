@@ -23,12 +23,12 @@ def make_app(version: str, log_root: str) -> FastAPI:
     import mlflow
     import mlflow.xgboost
 
-    from deployments.serve_app import MAX_ROWS_PER_REQUEST, Scorer, json_response, validate_body
-    from mlops.features import load_lookups
-    from mlops.inference_log import InferenceLog
+    from mlops.lake import load_lookups
     from mlops.registry import ModelRegistry
     from mlops.settings import load_settings
     from mlops.storage import Storage
+    from serving.app import MAX_ROWS_PER_REQUEST, Scorer, json_response, validate_body
+    from serving.inference_log import InferenceLog
 
     settings = load_settings()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)

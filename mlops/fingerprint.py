@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-_CODE_PACKAGES = ("mlops", "tasks", "flows", "deployments")
+_CODE_PACKAGES = ("cli", "mlops", "serving", "tasks", "flows", "deployments")
 
 
 def fingerprint(*parts: Any) -> str:

@@ -294,10 +294,15 @@ def runtime(settings: Settings, api: LocalPrefectApi | None = None) -> Iterator[
         yield Runtime(settings, api_url, owns_ray, owns_prefect)
     finally:
         if owns_prefect and ready:
-            from mlops.task_runner import drain_prefect_logs
-
             drain_prefect_logs()  # before the local API goes away
         if owns_ray and ray.is_initialized():
             ray.shutdown()
         if api is not None:
             api.stop()
+
+
+def drain_prefect_logs() -> None:
+    """Send Prefect's buffered logs now (a worker or API about to go away would lose them)."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)

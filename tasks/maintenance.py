@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops.errors import CheckFailed
-from mlops.inference_log import LOG_DIR
+from mlops.lake import INFERENCE_LOG as LOG_DIR
 from mlops.registry import CHALLENGER, CHAMPION
 from mlops.settings import Settings
 from mlops.storage import Storage

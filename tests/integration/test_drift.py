@@ -168,8 +168,9 @@ def test_the_same_drift_within_the_cooldown_is_suppressed(
 
 def test_inference_log_december_requests_drift_with_logged_predictions(champion: str) -> None:
     """December flights through the real /predict; the check reads what the Serve app logged."""
+    from mlops.schema import to_requests
+    from serving.control import serve_champion
     from tasks.drift import read_inference_log
-    from tasks.promote import serve_champion, to_requests
 
     settings = load_settings()
     assert serve_champion(settings).primary_model.version == champion

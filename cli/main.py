@@ -11,6 +11,8 @@ from typing import Any
 
 import typer
 
+from mlops.errors import one_line
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 EXIT_USER = 2
@@ -25,11 +27,6 @@ def _root() -> None:
 def _fail(message: str, code: int) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 @app.command()
@@ -73,10 +70,10 @@ def run(
         if api is not None:
             api.stop()
         if isinstance(exc, UserError):
-            _fail(_one_line(exc), EXIT_USER)
+            _fail(one_line(exc), EXIT_USER)
         if debug:
             raise
-        _fail(f"configuration: {_one_line(exc)}", EXIT_USER)  # e.g. settings that do not parse
+        _fail(f"configuration: {one_line(exc)}", EXIT_USER)  # e.g. settings that do not parse
 
     typer.echo(f"mlops: state under {settings.home}; starting Ray and the Prefect API ...")
     with runtime(settings, api) as rt:
@@ -136,23 +133,23 @@ def _connect_ray(settings: Any, address: str | None) -> None:
 
 def _serving_command(action: str) -> Any:
     """Run a serving action against the running cluster; user errors print one line."""
-    from mlops.serving_state import ServingStateError
     from mlops.settings import load_settings
+    from serving.state import ServingStateError
 
     settings = load_settings()
     try:
         _connect_ray(settings, settings.ray_address or "auto")
     except Exception as exc:
-        _fail(f"no running Ray cluster with the serving application: {_one_line(exc)}", EXIT_USER)
-    from tasks import promote
+        _fail(f"no running Ray cluster with the serving application: {one_line(exc)}", EXIT_USER)
+    from serving import control
 
     try:
         if action == "rollback":
-            state = promote.rollback_serving(settings)
+            state = control.rollback_serving(settings)
         else:
-            state = promote.finish_canary_serving(settings, promote_it=action == "promote")
+            state = control.finish_canary_serving(settings, promote_it=action == "promote")
     except ServingStateError as exc:
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     v = state.primary_model.version
     typer.echo(
         f"{action}: {settings.serve_url}/predict now serves version {v} (slot {state.primary})"
@@ -174,13 +171,13 @@ def serve(
     settings = load_settings()
     try:
         _connect_ray(settings, settings.ray_address or "local")
-        from tasks.promote import serve_champion
+        from serving.control import serve_champion
 
         state = serve_champion(settings)
     except Exception as exc:
         if ray.is_initialized():
             ray.shutdown()
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     typer.echo(
         f"serving {settings.model_name} version {state.primary_model.version} at "
         f"{settings.serve_url}/predict (health {settings.serve_url}/healthz)"
@@ -215,12 +212,12 @@ def _report_failure(result: Any, debug: bool) -> None:
     if debug:
         raise exc
     if isinstance(exc, UserError):
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     if isinstance(exc, ValidationFailed):
-        _fail(f"validation failed: {_one_line(exc)}", EXIT_FAILED)
+        _fail(f"validation failed: {one_line(exc)}", EXIT_FAILED)
     if isinstance(exc, PromotionFailed):
-        _fail(f"promotion failed: {_one_line(exc)}", EXIT_FAILED)
-    _fail(f"pipeline failed: {type(exc).__name__}: {_one_line(exc)}", EXIT_FAILED)
+        _fail(f"promotion failed: {one_line(exc)}", EXIT_FAILED)
+    _fail(f"pipeline failed: {type(exc).__name__}: {one_line(exc)}", EXIT_FAILED)
 
 
 def stage_seconds(flow_run_id: str) -> dict[str, float]:
@@ -284,7 +281,7 @@ def _start_runtime(debug: bool) -> tuple[Any, Any]:
     except Exception as exc:
         if debug:
             raise
-        _fail(f"configuration: {_one_line(exc)}", EXIT_USER)
+        _fail(f"configuration: {one_line(exc)}", EXIT_USER)
         raise
 
 
@@ -319,7 +316,7 @@ def deploy(
         run_prefect_deploy(prefect_file, name or None)
         deployed = read_deployed([s.name for s in chosen])
     except UserError as exc:
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     for pool in created:
         typer.echo(f"created work pool {pool!r} (process)")
     typer.echo(f"registered {len(deployed)} deployments with {api_url}:")
@@ -356,7 +353,7 @@ def backup(
         timestamp_for(run_date)
         open_root(backup_root or settings.backup_root, settings.storage_options, create=True)
     except UserError as exc:
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     settings, api = _start_runtime(debug)
     with runtime(settings, api):
         from flows.backup import backup as backup_flow
@@ -409,11 +406,11 @@ def restore(
     except UserError as exc:
         if debug:
             raise
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     except Exception as exc:
         if debug:
             raise
-        _fail(f"restore failed: {type(exc).__name__}: {_one_line(exc)}", EXIT_FAILED)
+        _fail(f"restore failed: {type(exc).__name__}: {one_line(exc)}", EXIT_FAILED)
     typer.echo(f"restored backup {result.backup_id} into {result.target}: {result.detail}")
     typer.echo(f"use it with: MLOPS_HOME={result.target}")
 
@@ -449,7 +446,7 @@ def maintenance(
         return
     if isinstance(result, MaintenanceFailed):
         typer.echo(result.report.table())
-        _fail(f"maintenance: {_one_line(result)}", EXIT_FAILED)
+        _fail(f"maintenance: {one_line(result)}", EXIT_FAILED)
     _report_failure(result, debug)
 
 
@@ -508,7 +505,7 @@ def webhook(
     except UserError as exc:
         if debug:
             raise
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     bound_host, bound_port = sock.getsockname()[:2]
     host_text = f"[{bound_host}]" if ":" in bound_host else bound_host
     typer.echo(
