@@ -347,7 +347,7 @@ def backup(
     from mlops.settings import load_settings
 
     try:
-        from tasks.backup import open_root, timestamp_for
+        from mlops.backups import open_root, timestamp_for
 
         settings = load_settings()
         timestamp_for(run_date)
@@ -391,10 +391,10 @@ def restore(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Verify a backup, then restore it into TARGET (no Ray or Prefect needed)."""
+    from mlops.backups import open_root
     from mlops.errors import UserError
     from mlops.settings import load_settings
-    from tasks.backup import open_root
-    from tasks.backup import restore as restore_core
+    from tasks.backup.restore import restore as restore_core
 
     try:
         settings = load_settings()
@@ -427,7 +427,7 @@ def maintenance(
 ) -> None:
     """Run the daily maintenance checks and print the report table."""
     from mlops.runtime import runtime
-    from tasks.maintenance import MaintenanceFailed
+    from tasks.maintenance.core import MaintenanceFailed
 
     settings, api = _start_runtime(debug)
     with runtime(settings, api):

@@ -27,6 +27,7 @@ SERVING_STATE = "serving/state.json"
 INFERENCE_LOG = "inference_log"
 DRIFT_ALERTS = "drift/alerts"
 SCRATCH = "_maintenance"
+TUNE_RESULTS = "ray_results"  # Ray Tune trial directories
 # The files of a snapshot's lookups (under ``dims_dir``).
 WEATHER_DIM = "weather.parquet"
 PLANES_DIM = "planes.parquet"
@@ -60,8 +61,11 @@ def snapshot_dir(snapshot_id: str) -> str:
     return posixpath.join(FEATURES, snapshot_id)
 
 
+FEATURES_TMP = posixpath.join(FEATURES, "_tmp")
+
+
 def snapshot_tmp_dir(name: str) -> str:
-    return posixpath.join(FEATURES, "_tmp", name)
+    return posixpath.join(FEATURES_TMP, name)
 
 
 def split_dir(snapshot_rel: str, split: str) -> str:

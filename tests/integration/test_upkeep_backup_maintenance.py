@@ -87,8 +87,9 @@ def one_line_error(done: subprocess.CompletedProcess[str], text: str) -> None:
 
 def test_restore_drill_back_up_delete_restore_same_predictions(home: Path) -> None:
     from flows.backup import backup
+    from mlops.backups import read_manifest
     from mlops.storage import Storage
-    from tasks.backup import champion_predictions, drill_requests, read_manifest
+    from tasks.backup.drill import champion_predictions, drill_requests
 
     settings = load_settings()
     requests = drill_requests()
@@ -132,15 +133,9 @@ def test_restore_drill_back_up_delete_restore_same_predictions(home: Path) -> No
 
 
 def test_incremental_backup_references_unchanged_files_and_prune_keeps_them(home: Path) -> None:
-    from tasks.backup import (
-        RetentionPolicy,
-        list_backups,
-        open_root,
-        prune,
-        take_backup,
-        timestamp_for,
-        verify_backup,
-    )
+    from mlops.backups import RetentionPolicy, list_backups, open_root, timestamp_for
+    from tasks.backup.restore import verify_backup
+    from tasks.backup.take import prune, take_backup
 
     settings = load_settings()
     first = take_backup(settings, settings.backup_root, timestamp_for("2013-06-23T03:00:00"))
@@ -161,8 +156,9 @@ def test_incremental_backup_references_unchanged_files_and_prune_keeps_them(home
 def test_corrupt_or_missing_blob_stops_restore_and_leaves_target_untouched(
     home: Path, tmp_path: Path
 ) -> None:
+    from mlops.backups import blob_rel, list_backups, open_root, read_manifest
     from mlops.errors import BackupError
-    from tasks.backup import blob_rel, list_backups, open_root, read_manifest, restore
+    from tasks.backup.restore import restore
 
     settings = load_settings()
     copy = tmp_path / "backups"
@@ -186,7 +182,9 @@ def test_corrupt_or_missing_blob_stops_restore_and_leaves_target_untouched(
 def test_backup_to_s3_and_restore_from_it(home: Path, s3_endpoint: str, tmp_path: Path) -> None:
     import s3fs
 
-    from tasks.backup import open_root, restore, take_backup, timestamp_for
+    from mlops.backups import open_root, timestamp_for
+    from tasks.backup.restore import restore
+    from tasks.backup.take import take_backup
 
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("backup-bucket")
     settings = load_settings()
@@ -248,7 +246,7 @@ def test_daily_maintenance_reports_every_check_and_cleans_up(home: Path, tmp_pat
 
 def test_daily_maintenance_fails_when_a_check_fails(home: Path, tmp_path: Path) -> None:
     from flows.maintenance import daily_maintenance
-    from tasks.maintenance import MaintenanceFailed
+    from tasks.maintenance.core import MaintenanceFailed
 
     empty = tmp_path / "no-backups"
     empty.mkdir()
