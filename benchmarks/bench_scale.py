@@ -100,8 +100,9 @@ def build_lake(root: str, years: int, seed: int) -> Lake:
     import pyarrow.parquet as pq
 
     from mlops.lake import partition_path
+    from mlops.sources import BUNDLED_SOURCE
     from mlops.storage import Storage
-    from tasks.ingest import BUNDLED_SOURCE, Window, ingest, split_by_date
+    from tasks.ingest import Window, ingest, split_by_date
 
     storage = Storage(root)
     ingest(

@@ -62,7 +62,8 @@ def run(
         settings = load_settings()
         # Launch the local Prefect API first: it starts while the inputs are checked.
         settings, api = prepare_process(settings)
-        from tasks.ingest import parse_window, probe_source
+        from mlops.sources import probe_source
+        from tasks.ingest import parse_window
 
         parse_window(start, end)
         probe_source(source, settings.storage_options)

@@ -14,22 +14,19 @@ from mlops.errors import UserError
 from mlops.features import FEATURE_COLUMNS
 from mlops.lake import read_snapshot
 from mlops.results import AlertOutcome, ChampionReference, DriftCheck
-from tasks.drift import (
+from tasks.drift.alerts import AlertPolicy, AlertRecord, decide_alert
+from tasks.drift.data import load_source_window, read_inference_log
+from tasks.drift.report import drift_markdown
+from tasks.drift.stats import (
     CALENDAR_FEATURES,
     CATEGORICAL_FEATURES,
     PREDICTION,
-    AlertPolicy,
-    AlertRecord,
     DriftPolicy,
     assess_drift,
     bin_counts,
-    decide_alert,
-    drift_markdown,
     ks_test,
-    load_source_window,
     population_stability_index,
     positive_rate,
-    read_inference_log,
     resolve_window,
 )
 
