@@ -26,8 +26,11 @@ test: setup
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(ARGS)
 
+# ruff, then the import contracts of pyproject.toml ([tool.importlinter]): layers, forbidden
+# upward imports, no cycles, independent stages.
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python benchmarks/bench_pipeline.py $(ARGS)

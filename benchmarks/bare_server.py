@@ -27,8 +27,9 @@ def make_app(version: str, log_root: str) -> FastAPI:
     from mlops.registry import ModelRegistry
     from mlops.settings import load_settings
     from mlops.storage import Storage
-    from serving.app import MAX_ROWS_PER_REQUEST, Scorer, json_response, validate_body
+    from serving.app import MAX_ROWS_PER_REQUEST, Scorer
     from serving.inference_log import InferenceLog
+    from serving.request import json_response, validate_body
 
     settings = load_settings()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)

@@ -17,11 +17,27 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 EXIT_USER = 2
 EXIT_FAILED = 1
+# Imported in each embedded Ray worker while the Prefect API starts (with the libraries they use).
+STAGE_MODULES = (
+    "tasks.ingest",
+    "tasks.validate",
+    "tasks.transform",
+    "tasks.tune",
+    "tasks.register",
+    "tasks.gate",
+    "tasks.promote",
+)
 
 
 @app.callback()
 def _root() -> None:
     """Production ML retraining for the NYC flights delay model."""
+
+
+def _warm_modules() -> tuple[str, ...]:
+    from mlops.runtime import WARM_MODULES
+
+    return (*WARM_MODULES, *STAGE_MODULES)
 
 
 def _fail(message: str, code: int) -> None:
@@ -77,7 +93,7 @@ def run(
         _fail(f"configuration: {one_line(exc)}", EXIT_USER)  # e.g. settings that do not parse
 
     typer.echo(f"mlops: state under {settings.home}; starting Ray and the Prefect API ...")
-    with runtime(settings, api) as rt:
+    with runtime(settings, api, _warm_modules()) as rt:
         typer.echo(
             f"mlops: Prefect API {rt.prefect_api_url} "
             f"({'local' if rt.owns_prefect else 'server'}), "
@@ -356,7 +372,7 @@ def backup(
     except UserError as exc:
         _fail(one_line(exc), EXIT_USER)
     settings, api = _start_runtime(debug)
-    with runtime(settings, api):
+    with runtime(settings, api, _warm_modules()):
         from flows.backup import backup as backup_flow
 
         state = backup_flow(
@@ -431,7 +447,7 @@ def maintenance(
     from tasks.maintenance.core import MaintenanceFailed
 
     settings, api = _start_runtime(debug)
-    with runtime(settings, api):
+    with runtime(settings, api, _warm_modules()):
         from flows.maintenance import daily_maintenance
 
         state = daily_maintenance(

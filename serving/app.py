@@ -28,16 +28,15 @@ import random
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any, NotRequired
+from typing import Any
 
 import orjson
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
-from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from mlops.settings import Settings
+from serving.request import json_response, validate_body
 from serving.state import MODEL_MAX_REPLICAS, ServingState, SlotModel
 
 log = logging.getLogger(__name__)
@@ -45,31 +44,6 @@ MAX_ROWS_PER_REQUEST = 10_000
 ROUTER_REPLICAS = (
     2  # each scores the primary model in process: 1,000-row batches 38.6k -> 54.1k rows/s
 )
-
-
-class FlightRequest(TypedDict):
-    """What a caller knows about a flight before it departs.
-
-    A TypedDict rather than a model: validation yields the plain dicts the features take, with no
-    model object built and dumped per row.
-    """
-
-    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
-
-    year: Annotated[int, Field(ge=1900, le=2100)]
-    month: Annotated[int, Field(ge=1, le=12)]
-    day: Annotated[int, Field(ge=1, le=31)]
-    sched_dep_time: Annotated[int, Field(ge=0, le=2400, description="local HHMM")]
-    sched_arr_time: Annotated[int, Field(ge=0, le=2400, description="local HHMM")]
-    carrier: Annotated[str, Field(min_length=2, max_length=3)]
-    flight: Annotated[int, Field(ge=0)]
-    tailnum: NotRequired[str | None]
-    origin: Annotated[str, Field(min_length=3, max_length=4)]
-    dest: Annotated[str, Field(min_length=3, max_length=4)]
-    distance: Annotated[float, Field(gt=0)]
-
-
-_ONE_OR_MANY = TypeAdapter(list[FlightRequest] | FlightRequest)
 
 
 @dataclass(frozen=True)
@@ -86,54 +60,6 @@ class ModelConfig:
     promoted_at: str = ""
     use_gpu: bool = False
     gpu_share: float = 0.1  # of one GPU per replica: a small booster needs little of a device
-
-
-def validate_request(
-    payload: Any, known_carriers: frozenset[str] | None, max_rows: int
-) -> tuple[int, Any]:
-    """(status, rows or error detail): 413 oversized, 422 invalid naming the field, 200 rows.
-
-    One TypeAdapter call validates the whole list; rows come back as plain dicts.
-    """
-    if isinstance(payload, list) and len(payload) > max_rows:
-        return 413, f"batch of {len(payload)} rows exceeds the limit of {max_rows}"
-    try:
-        parsed = _ONE_OR_MANY.validate_python(payload)
-    except ValidationError as exc:
-        return 422, [
-            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
-        ]
-    rows = parsed if isinstance(parsed, list) else [parsed]
-    for r in rows:
-        r.setdefault("tailnum", None)
-    if known_carriers:
-        bad = [
-            {
-                "loc": [i, "carrier"],
-                "msg": f"unknown carrier code {r['carrier']!r}",
-                "type": "value",
-            }
-            for i, r in enumerate(rows)
-            if r["carrier"] not in known_carriers
-        ]
-        if bad:
-            return 422, bad
-    return 200, rows
-
-
-def validate_body(
-    body: bytes, known_carriers: frozenset[str] | None, max_rows: int
-) -> tuple[int, Any]:
-    """:func:`validate_request` on a raw request body; 400 when it is not JSON."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return 400, "body is not valid JSON"
-    return validate_request(payload, known_carriers, max_rows)
-
-
-def json_response(content: Any, status_code: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
 
 
 class Scorer:

@@ -73,3 +73,24 @@ def test_importing_modules_starts_nothing(tmp_path: Path) -> None:
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_flight_request_is_written_once() -> None:
+    """The Serve request schema and request bodies built from raw rows name the core's fields."""
+    import pandas as pd
+
+    from mlops.schema import RAW_COLUMNS, REQUEST_COLUMNS, to_requests
+    from serving.request import FlightRequest
+
+    assert tuple(FlightRequest.__annotations__) == REQUEST_COLUMNS
+    assert set(REQUEST_COLUMNS) <= set(RAW_COLUMNS["flights"])
+    row = {c: 1 for c in RAW_COLUMNS["flights"]} | {"carrier": "UA", "tailnum": None}
+    assert tuple(to_requests(pd.DataFrame([row]))[0]) == REQUEST_COLUMNS
+
+
+def test_every_package_says_what_lives_there() -> None:
+    tops = [p for p in ROOT.iterdir() if (p / "__init__.py").exists() and p.name != "tests"]
+    assert {"cli", "flows", "deployments", "tasks", "serving", "mlops"} <= {p.name for p in tops}
+    for init in sorted(i for top in tops for i in top.rglob("__init__.py")):
+        doc = init.read_text().strip()
+        assert doc.startswith('"""') and doc.endswith('"""') and len(doc) > 10, init

@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from serving.app import Scorer, validate_body, validate_request
+from serving.app import Scorer
 from serving.inference_log import InferenceLog
+from serving.request import validate_body, validate_request
 from serving.state import (
     ServingStateError,
     SlotModel,
