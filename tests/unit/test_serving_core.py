@@ -93,7 +93,7 @@ def test_scorer_matches_the_registered_booster_on_real_flights() -> None:
     assert [("plane" in a["missing"]) for a in answers] == no_plane.tolist()
     np.testing.assert_array_equal(logged["probability_late"], expected)
     assert Scorer(booster, lookups, "flights-delay", "7").score([]) == ([], None)
-    # Small batches take the compiled trees (mlops.tree_scoring): the same answers.
+    # Small batches take the compiled trees (serving.tree_scoring): the same answers.
     scorer = Scorer(booster, lookups, "flights-delay", "7")
     assert scorer.predict.compiled is not None
     for start in range(0, 200, 40):
