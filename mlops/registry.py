@@ -44,7 +44,13 @@ class Lineage:
             raw = tags.get(f.name)
             if not raw:
                 continue
-            values[f.name] = float(raw) if f.name == "best_valid_auc" else raw
+            if f.name == "best_valid_auc":
+                try:
+                    values[f.name] = float(raw)
+                except ValueError:
+                    continue
+            else:
+                values[f.name] = raw
         return cls(**values)
 
     @property

@@ -516,18 +516,14 @@ def deployment_version(*parts: Any) -> str:
     """
     import hashlib
     import json
-    from pathlib import Path
 
-    import mlops
+    from mlops.fingerprint import source_digest
 
     digest = hashlib.sha256()
-    # The code a replica runs: this package and the core it imports (never the training or
-    # upkeep stages, so a change to them restarts no router). The same files give the same
-    # version in every process that builds the application.
-    for package in (Path(__file__).parent, Path(mlops.__file__).parent):
-        for source in sorted(package.glob("*.py")):
-            digest.update(f"{package.name}/{source.name}".encode())
-            digest.update(source.read_bytes())
+    # The code a replica runs: this module and what it imports from serving/ and the core (never
+    # the training or upkeep stages, nor core modules only they use, such as the backup format),
+    # so a change to them restarts no router. The same files give the same version everywhere.
+    digest.update(source_digest("serving.app", ("serving", "mlops")).encode())
     digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 

@@ -94,3 +94,13 @@ def test_every_package_says_what_lives_there() -> None:
     for init in sorted(i for top in tops for i in top.rglob("__init__.py")):
         doc = init.read_text().strip()
         assert doc.startswith('"""') and doc.endswith('"""') and len(doc) > 10, init
+
+
+def test_serve_deployment_versions_hash_only_the_code_replicas_run() -> None:
+    """A change to a training or upkeep stage, or core code only they use, restarts no router."""
+    from mlops.fingerprint import import_closure
+
+    files = import_closure("serving.app", ("serving", "mlops"))
+    assert {"serving/app.py", "mlops/features.py", "mlops/registry.py"} <= set(files)
+    assert not [f for f in files if f.startswith(("tasks/", "flows/", "cli/", "deployments/"))]
+    assert "mlops/backups.py" not in files and "mlops/runtime.py" not in files
