@@ -43,10 +43,13 @@ test: setup
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit $(ARGS)
 
+# ruff; deptry (every import declared in pyproject.toml); the import contracts of
+# [tool.importlinter]: layers, forbidden upward imports, no cycles, independent stages.
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/deptry .
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python benchmarks/bench_pipeline.py $(ARGS)

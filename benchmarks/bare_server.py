@@ -10,8 +10,6 @@ to an inference log (written under a temporary directory, not the data lake).
 # No ``from __future__ import annotations``: FastAPI reads the annotations at runtime.
 
 import argparse
-import json
-import posixpath
 import tempfile
 
 import uvicorn
@@ -20,34 +18,22 @@ from fastapi.responses import Response
 
 
 def make_app(version: str, log_root: str) -> FastAPI:
-    import mlflow
-    import mlflow.xgboost
-
-    from deployments.serve_app import MAX_ROWS_PER_REQUEST, Scorer, json_response, validate_body
-    from mlops.features import load_lookups
-    from mlops.inference_log import InferenceLog
-    from mlops.registry import ModelRegistry
+    from mlops.lake import load_lookups, read_carriers
+    from mlops.registry import ModelRegistry, load_booster
     from mlops.settings import load_settings
     from mlops.storage import Storage
+    from serving.app import MAX_ROWS_PER_REQUEST, Scorer
+    from serving.inference_log import InferenceLog
+    from serving.request import json_response, validate_body
 
     settings = load_settings()
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_registry_uri(settings.mlflow_tracking_uri)  # not the process default
-    booster = mlflow.xgboost.load_model(f"models:/{settings.model_name}/{version}")
+    booster = load_booster(settings.mlflow_tracking_uri, settings.model_name, version)
     booster.set_param({"nthread": 1})
-    features_uri = ModelRegistry(settings).version_tags(version)["features_uri"]
-    snapshot = features_uri.rstrip("/").rsplit("/", 1)[-1]
+    lineage = ModelRegistry(settings).version_info(version).lineage
     storage = Storage(settings.storage_root, settings.storage_options)
-    dims_uri = storage.uri("curated/dims", snapshot)
+    dims_uri = storage.uri(lineage.dims_rel)
     lookups = load_lookups(dims_uri, settings.storage_options)
-    root, leaf = posixpath.split(dims_uri.rstrip("/"))
-    dims = Storage(root, settings.storage_options)
-    carriers_path = posixpath.join(leaf, "carriers.json")
-    carriers = (
-        frozenset(json.loads(dims.read_bytes(carriers_path)))
-        if dims.exists(carriers_path)
-        else frozenset()
-    )
+    carriers = frozenset(read_carriers(dims_uri, settings.storage_options))
     scorer = Scorer(booster, lookups, settings.model_name, version)
     inference_log = InferenceLog(log_root, {})
     app = FastAPI()

@@ -87,7 +87,7 @@ def timed_hash_only(sources: list[Path]) -> float:
     written."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.backup import READ_THREADS, sha256_file
+    from mlops.backups import READ_THREADS, sha256_file
 
     files = [str(f) for f in files_under(sources)]
     t0 = time.monotonic()
@@ -97,7 +97,7 @@ def timed_hash_only(sources: list[Path]) -> float:
 
 
 def measure(label: str, settings, sources: list[Path], work: Path) -> list[str]:
-    from tasks.backup import take_backup
+    from tasks.backup.take import take_backup
 
     nbytes = du(sources)
     cp_s = timed_cp(sources, work / f"cp-{label}", sync=False)
@@ -140,7 +140,7 @@ def main() -> None:
     os.environ["MLOPS_HOME"] = str(home)
     sys.path.insert(0, str(ROOT))
     from mlops.settings import load_settings
-    from tasks.backup import take_backup
+    from tasks.backup.take import take_backup
 
     settings = load_settings()
     data = Path(settings.storage_root)

@@ -99,8 +99,10 @@ def build_lake(root: str, years: int, seed: int) -> Lake:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from mlops.lake import partition_path
+    from mlops.sources import BUNDLED_SOURCE
     from mlops.storage import Storage
-    from tasks.ingest import BUNDLED_SOURCE, Window, ingest, partition_path, split_by_date
+    from tasks.ingest import Window, ingest, split_by_date
 
     storage = Storage(root)
     ingest(
@@ -254,8 +256,8 @@ def pandas_transform(root: str, dates: list[str], out_dir: str) -> dict[str, flo
     import pyarrow.parquet as pq
 
     from mlops.features import LABEL, Lookups, assign_split, build_features, split_bounds
+    from mlops.lake import partition_path
     from mlops.storage import Storage
-    from tasks.ingest import partition_path
     from tasks.transform import READ_COLUMNS, WEATHER_READ_COLUMNS, load_planes
 
     t = time.perf_counter()

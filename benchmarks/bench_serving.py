@@ -191,10 +191,11 @@ def main() -> None:
     import httpx
     import ray
 
+    from mlops.lake import partition_path
     from mlops.runtime import free_port, ray_init_kwargs
+    from mlops.schema import to_requests
     from mlops.settings import load_settings
-    from tasks.ingest import partition_path
-    from tasks.promote import serve_champion, to_requests
+    from serving.control import serve_champion
 
     settings = load_settings(serve_port=free_port())
     kwargs = ray_init_kwargs(settings, None)

@@ -1,20 +1,16 @@
-"""Backup and restore flows: snapshot, verify, publish the DR pointer, prune; restore a backup."""
+"""The backup flow: snapshot, verify, publish the DR pointer, prune (restore is `mlops restore`)."""
 
 from __future__ import annotations
 
 from prefect import flow
 
+from mlops.backups import BackupResult, RetentionPolicy, timestamp_for
 from mlops.settings import load_settings
 from mlops.task_runner import MlopsRayTaskRunner
-from tasks.backup import (
-    BackupResult,
-    RestoreResult,
-    RetentionPolicy,
+from tasks.backup.prefect_tasks import (
     backup_state,
     prune_backups,
     publish_dr_pointer,
-    restore_backup_task,
-    timestamp_for,
     verify_stored_backup,
 )
 
@@ -42,19 +38,3 @@ def backup(
     )
     pruned.result()
     return result
-
-
-@flow(name="restore", task_runner=MlopsRayTaskRunner(), log_prints=False)
-def restore_backup(
-    target: str,
-    backup_id: str = "latest",
-    backup_root: str | None = None,
-    force: bool = False,
-    tracking_store: str | None = None,
-) -> RestoreResult:
-    """Restore a verified backup into ``target`` (refuses a live MLOPS_HOME unless forced);
-    a PostgreSQL dump is loaded into ``tracking_store``, an empty database."""
-    settings = load_settings()
-    return restore_backup_task.submit(
-        settings, backup_root or settings.backup_root, backup_id, target, force, tracking_store
-    ).result()

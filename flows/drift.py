@@ -14,15 +14,15 @@ from prefect.runtime import flow_run
 from mlops.events import DEFAULT_RETRAIN_DAYS
 from mlops.results import DriftCheckResult
 from mlops.settings import load_settings
-from tasks.drift import (
-    INFERENCE_LOG,
-    AlertPolicy,
-    DriftPolicy,
+from tasks.drift.alerts import AlertPolicy
+from tasks.drift.data import INFERENCE_LOG
+from tasks.drift.prefect_tasks import (
     check_drift,
     emit_drift_alert,
     publish_drift_report,
     resolve_champion,
 )
+from tasks.drift.stats import DriftPolicy
 
 
 @flow(name="drift-check", log_prints=False)

@@ -5,25 +5,27 @@ from __future__ import annotations
 from prefect import flow
 from prefect_ray.context import remote_options
 
+from mlops.backups import timestamp_for
 from mlops.settings import load_settings
 from mlops.task_runner import MlopsRayTaskRunner, current_prefect_api_url
-from tasks.backup import timestamp_for
-from tasks.maintenance import (
+from tasks.backup.prefect_tasks import validate_backups
+from tasks.maintenance.core import (
     CleanupRules,
     MaintenanceFailed,
     MaintenanceReport,
     ResourceMinimums,
+    outcome,
+)
+from tasks.maintenance.prefect_tasks import (
     check_mlflow,
     check_prefect_api,
     check_ray_resources,
     check_serving,
     check_storage,
     clean_up_state,
-    outcome,
     publish_report,
     report_utilization,
     review_errors,
-    validate_backups,
 )
 
 

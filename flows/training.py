@@ -8,9 +8,10 @@ from prefect_ray.context import remote_options
 
 from mlops.results import PipelineSummary
 from mlops.settings import load_settings
+from mlops.sources import BUNDLED_SOURCE
 from mlops.task_runner import MlopsRayTaskRunner
 from tasks.gate import GatePolicy, evaluate_challenger
-from tasks.ingest import BUNDLED_SOURCE, ingest_partitions
+from tasks.ingest import ingest_partitions
 from tasks.promote import promote_model, start_serving
 from tasks.register import register_model
 from tasks.transform import TransformConfig, build_feature_set

@@ -1,1 +1,1 @@
-"""Shared core of the flights retraining system: settings, storage, features, typed results."""
+"""The shared core: settings, storage, lake layout, schema, features, registry, typed results."""

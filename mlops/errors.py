@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type name when it has none."""
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
+
+
 class UserError(Exception):
     """Bad input from the person or system that started the run (exit code 2, no traceback)."""
 

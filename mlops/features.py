@@ -15,38 +15,11 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
+from mlops.schema import LEAKY_COLUMNS, WEATHER_COLUMNS, WEATHER_KEY
+
 LABEL = "label"
 LABEL_THRESHOLD_MINUTES = 15.0  # US DOT on-time definition: arriving 15+ minutes late is "late"
 
-# Columns that are only known after departure (or are the label itself): never features.
-LEAKY_COLUMNS = frozenset({"dep_time", "dep_delay", "arr_time", "arr_delay", "air_time"})
-
-FLIGHT_KEY = ("date", "carrier", "flight", "origin", "sched_dep_time")
-REQUEST_COLUMNS = (
-    "year",
-    "month",
-    "day",
-    "sched_dep_time",
-    "sched_arr_time",
-    "carrier",
-    "flight",
-    "tailnum",
-    "origin",
-    "dest",
-    "distance",
-)
-WEATHER_KEY = ("origin", "year", "month", "day", "hour")
-WEATHER_COLUMNS = (
-    "temp",
-    "dewp",
-    "humid",
-    "wind_dir",
-    "wind_speed",
-    "wind_gust",
-    "precip",
-    "pressure",
-    "visib",
-)
 PLANE_COLUMNS = ("plane_year", "seats", "engines", "plane_type", "manufacturer")
 
 FEATURE_COLUMNS: tuple[str, ...] = (
@@ -187,20 +160,6 @@ class Lookups:
             plane_index={str(t): i for i, t in enumerate(p["tailnum"])},
             plane_values=plane_values,
         )
-
-
-def load_lookups(dims_uri: str, storage_options: dict | None = None) -> Lookups:
-    """Lookups from a feature snapshot's curated dimensions (``<dims_uri>/{weather,planes}``)."""
-    import posixpath
-
-    from mlops.storage import Storage
-
-    root, leaf = posixpath.split(dims_uri.rstrip("/"))
-    dims = Storage(root, storage_options or {})
-    return Lookups.from_frames(
-        dims.read_parquet(posixpath.join(leaf, "weather.parquet")).to_pandas(),
-        dims.read_parquet(posixpath.join(leaf, "planes.parquet")).to_pandas(),
-    )
 
 
 def _take(values: np.ndarray, idx: np.ndarray) -> np.ndarray:

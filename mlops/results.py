@@ -252,3 +252,17 @@ class DriftCheckResult:
     @property
     def drift_detected(self) -> bool:
         return self.check.report.drift_detected
+
+
+# A maintenance check's outcome.
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One row of the maintenance report: a check's status, headline figure and detail."""
+
+    name: str
+    status: str
+    figure: str
+    detail: str

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,16 +222,11 @@ def prepare_process(
 
 
 # Imported by the warm-up tasks so that the first stages do not pay for them one after another.
+# Heavy libraries the stages import, imported once per embedded worker while the Prefect API
+# starts. The entry layer adds the stage modules themselves (the core never names them).
 WARM_MODULES = (
     "prefect",
     "prefect_ray",
-    "tasks.ingest",
-    "tasks.validate",
-    "tasks.transform",
-    "tasks.tune",
-    "tasks.register",
-    "tasks.gate",
-    "tasks.promote",
     "great_expectations",
     "mlflow.xgboost",
     "xgboost",
@@ -240,11 +235,11 @@ WARM_MODULES = (
 )
 
 
-def warm_worker(tracking_uri: str | None) -> None:
+def warm_worker(tracking_uri: str | None, modules: Sequence[str] = WARM_MODULES) -> None:
     """Import the stages' heavy libraries in a Ray worker; optionally create the MLflow store."""
     import importlib
 
-    for name in WARM_MODULES:
+    for name in modules:
         importlib.import_module(name)
     if tracking_uri:
         from mlflow.tracking import MlflowClient
@@ -253,7 +248,11 @@ def warm_worker(tracking_uri: str | None) -> None:
 
 
 @contextmanager
-def runtime(settings: Settings, api: LocalPrefectApi | None = None) -> Iterator[Runtime]:
+def runtime(
+    settings: Settings,
+    api: LocalPrefectApi | None = None,
+    warm_modules: Sequence[str] = WARM_MODULES,
+) -> Iterator[Runtime]:
     """Start what the settings do not point at (Ray, a Prefect API), overlapping their start-up.
 
     Call :func:`prepare_process` first, before anything imports Prefect. With an embedded Ray,
@@ -280,7 +279,9 @@ def runtime(settings: Settings, api: LocalPrefectApi | None = None) -> Iterator[
             cpus = max(1, min(2, int(ray.cluster_resources().get("CPU", 1))))
             remote = ray.remote(num_cpus=1, max_retries=0)(warm_worker)
             warming = [
-                remote.remote(settings.mlflow_tracking_uri if sqlite and i == 0 else None)
+                remote.remote(
+                    settings.mlflow_tracking_uri if sqlite and i == 0 else None, warm_modules
+                )
                 for i in range(cpus)
             ]
         if api is not None:
@@ -294,10 +295,15 @@ def runtime(settings: Settings, api: LocalPrefectApi | None = None) -> Iterator[
         yield Runtime(settings, api_url, owns_ray, owns_prefect)
     finally:
         if owns_prefect and ready:
-            from mlops.task_runner import drain_prefect_logs
-
             drain_prefect_logs()  # before the local API goes away
         if owns_ray and ray.is_initialized():
             ray.shutdown()
         if api is not None:
             api.stop()
+
+
+def drain_prefect_logs() -> None:
+    """Send Prefect's buffered logs now (a worker or API about to go away would lose them)."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)

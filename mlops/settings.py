@@ -127,16 +127,8 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def is_embedded_ray(self) -> bool:
-        return not self.ray_address
-
-    @property
     def serve_url(self) -> str:
         return f"http://{self.serve_host}:{self.serve_port}"
-
-    @property
-    def tune_storage_path(self) -> str:
-        return str(self.home / "ray_results")
 
     @property
     def prefect_home(self) -> Path:

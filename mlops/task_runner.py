@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect_ray import RayTaskRunner
 
-from mlops.runtime import ray_init_kwargs
+from mlops.runtime import drain_prefect_logs, ray_init_kwargs
 from mlops.settings import load_settings
 
 
@@ -48,9 +48,3 @@ class MlopsRayTaskRunner(RayTaskRunner):
             return RayTaskRunner._run_prefect_task(*upstream_ray_obj_refs, **kwargs)
         finally:
             drain_prefect_logs()
-
-
-def drain_prefect_logs() -> None:
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=5)

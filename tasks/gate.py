@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlops.registry import CHAMPION, ModelRegistry
+from mlops.registry import ModelRegistry
 from mlops.results import FeatureSet, PromotionDecision, RegisteredModel
 from mlops.settings import Settings
 from mlops.storage import Storage
@@ -147,7 +147,7 @@ def evaluate(
 ) -> PromotionDecision:
     import xgboost as xgb
 
-    from tasks.transform import read_split
+    from mlops.lake import read_split
 
     registry = ModelRegistry(settings)
     storage = Storage(settings.storage_root, settings.storage_options)
@@ -157,10 +157,11 @@ def evaluate(
     y = test["label"].to_numpy().astype(int)
     p_chal = registry.load_booster(model.version).predict(dtest)
     chal_score = float(roc_auc(y, p_chal))
-    champion = registry.alias_version(CHAMPION)
+    incumbent = registry.champion()
+    champion = incumbent.version if incumbent else None
     comparison = None
-    if champion is not None and champion != model.version:
-        p_champ = registry.load_booster(champion).predict(dtest)
+    if incumbent is not None and champion != model.version:
+        p_champ = incumbent.booster.predict(dtest)
         comparison = paired_bootstrap(y, p_chal, p_champ, policy)
     d = decide_promotion(model.version, chal_score, champion, comparison, policy)
     registry.tag_version(

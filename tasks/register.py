@@ -9,31 +9,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from typing import Any
 
-from mlops.registry import CHALLENGER, ModelRegistry
+from mlops.registry import CHALLENGER, Lineage, ModelRegistry
 from mlops.results import FeatureSet, RegisteredModel, TuneResult, ValidationReport
 from mlops.settings import Settings
 from mlops.storage import Storage
 from tasks.common import stage
-
-
-@dataclass(frozen=True)
-class Lineage:
-    data_window: str
-    feature_snapshot_hash: str
-    features_uri: str
-    validation_verdict: str
-    prefect_flow_run_id: str
-    code_version: str
-    hpo_parent_run_id: str
-    best_params: str
-    best_valid_auc: float
-    trigger: str  # what started the run: "manual", "schedule", "drift:<event id>"
-
-    def tags(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.__dict__.items()}
 
 
 def lineage_for(
@@ -77,7 +59,7 @@ def register(
     import xgboost as xgb
     from mlflow.models import infer_signature
 
-    from tasks.transform import read_split
+    from mlops.lake import read_split
 
     registry = ModelRegistry(settings)
     existing = registry.find_version_by_tag("hpo_parent_run_id", tune.parent_run_id)

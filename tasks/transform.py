@@ -24,8 +24,6 @@ from mlops.features import (
     FEATURE_COLUMNS,
     LABEL,
     SPLITS,
-    WEATHER_COLUMNS,
-    WEATHER_KEY,
     Lookups,
     assign_split,
     build_features,
@@ -34,13 +32,25 @@ from mlops.features import (
     split_bounds,
 )
 from mlops.fingerprint import code_version, fingerprint
+from mlops.lake import (
+    CARRIERS_DIM,
+    PLANES_DIM,
+    WEATHER_DIM,
+    dims_dir,
+    partition_path,
+    planes_path,
+    raw_dir,
+    snapshot_dir,
+    snapshot_tmp_dir,
+    split_dir,
+)
 from mlops.results import FeatureSet, ValidationReport
+from mlops.schema import RAW_COLUMNS, WEATHER_COLUMNS, WEATHER_KEY
 from mlops.settings import Settings
 from mlops.storage import Storage
 from tasks.common import stage
-from tasks.ingest import REQUIRED_COLUMNS, partition_path
 
-READ_COLUMNS = list(REQUIRED_COLUMNS["flights"])
+READ_COLUMNS = list(RAW_COLUMNS["flights"])
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,7 @@ def read_weather(storage: Storage, paths: list[str], pool: Any = None) -> pd.Dat
 
 def weather_paths(storage: Storage, dates: tuple[str, ...]) -> list[str]:
     """Full path of each date's weather partition, "" where there is none (one listing)."""
-    present = set(storage.ls_dirs(posixpath.join("raw", "weather")))
+    present = set(storage.ls_dirs(raw_dir("weather")))
     return [
         storage.path(partition_path("weather", d)) if f"date={d}" in present else "" for d in dates
     ]
@@ -128,9 +138,7 @@ def write_weather_dimension(storage: Storage, paths: list[str], rel: str, chunk:
 
 def load_planes(storage: Storage) -> pd.DataFrame:
     """The planes table, deduplicated for joining."""
-    return prepare_planes(
-        storage.read_parquet(posixpath.join("raw", "planes", "data.parquet")).to_pandas()
-    )
+    return prepare_planes(storage.read_parquet(planes_path()).to_pandas())
 
 
 def snapshot_hash(storage: Storage, rel: str) -> str:
@@ -153,7 +161,7 @@ def split_rows(storage: Storage, rel: str) -> dict[str, int]:
 
     rows = {}
     for split in SPLITS:
-        files = storage.find(posixpath.join(rel, f"split={split}"), ".parquet")
+        files = storage.find(split_dir(rel, split), ".parquet")
         rows[split] = sum(pq.read_metadata(storage.fs.open(p, "rb")).num_rows for p in files)
     return rows
 
@@ -167,19 +175,19 @@ def build_feature_snapshot(
     dates = report.accepted_dates
     bounds = split_bounds(dates, cfg.split_fractions)
     snapshot_id = fingerprint(report.fingerprint, cfg, code_version())
-    final_rel = posixpath.join("features", snapshot_id)
-    dims_rel = posixpath.join("curated", "dims", snapshot_id)
+    final_rel = snapshot_dir(snapshot_id)
+    dims_rel = dims_dir(snapshot_id)
 
     weather = weather_paths(storage, dates)
     planes = load_planes(storage)
     # The weather dimension (for serving) is written by a Ray task while Ray Data runs: off the
     # driver, and overlapping the flights instead of preceding them.
     weather_dim = ray.remote(num_cpus=1, max_retries=2)(write_weather_dimension).remote(
-        storage, weather, posixpath.join(dims_rel, "weather.parquet")
+        storage, weather, posixpath.join(dims_rel, WEATHER_DIM)
     )
-    storage.write_json(posixpath.join(dims_rel, "carriers.json"), list(report.carriers))
+    storage.write_json(posixpath.join(dims_rel, CARRIERS_DIM), list(report.carriers))
     storage.write_parquet(
-        posixpath.join(dims_rel, "planes.parquet"),
+        posixpath.join(dims_rel, PLANES_DIM),
         pa.Table.from_pandas(planes, preserve_index=False),
     )
 
@@ -209,7 +217,7 @@ def build_feature_snapshot(
             "bounds": bounds,
         },
     )
-    tmp_rel = posixpath.join("features", "_tmp", f"{snapshot_id}-{uuid.uuid4().hex[:8]}")
+    tmp_rel = snapshot_tmp_dir(f"{snapshot_id}-{uuid.uuid4().hex[:8]}")
     ds.write_parquet(
         storage.path(tmp_rel), filesystem=storage.pyarrow_fs(), partition_cols=["split"]
     )
@@ -233,17 +241,6 @@ def build_feature_snapshot(
         snapshot_hash=content_hash,
         dims_uri=storage.uri(dims_rel),
     )
-
-
-def read_split(storage: Storage, features: FeatureSet, split: str) -> pd.DataFrame:
-    """Load one split of a snapshot (feature columns and label) as pandas."""
-    import pyarrow.parquet as pq
-
-    rel = posixpath.relpath(features.split_uri(split), storage.root)
-    files = storage.find(rel, ".parquet")
-    cols = [*features.feature_columns, LABEL]
-    tables = [pq.read_table(p, columns=cols, filesystem=storage.pyarrow_fs()) for p in files]
-    return pa.concat_tables(tables).to_pandas()
 
 
 @stage(

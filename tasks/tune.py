@@ -14,14 +14,15 @@ import posixpath
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from mlops.devices import choose_device, cuda_device_visible
+from mlops.lake import TUNE_RESULTS
 from mlops.registry import get_or_create_experiment
 from mlops.results import FeatureSet, TuneResult
-from mlops.serving_state import serving_gpu_reserve
 from mlops.settings import Settings
 from mlops.storage import Storage
+from serving.state import serving_gpu_reserve
 from tasks.common import stage
 
 METRIC = "valid_auc"
@@ -60,27 +61,6 @@ def search_space() -> dict[str, Any]:
     }
 
 
-def cuda_device_visible() -> bool:
-    """True when this process can see an NVIDIA device and XGBoost was built with CUDA."""
-    import xgboost as xgb
-
-    if not xgb.build_info().get("USE_CUDA"):
-        return False
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1", "NoDevFiles"):
-        return False
-    return any(Path("/dev").glob("nvidia[0-9]*"))
-
-
-def choose_device(assigned_gpus: list[Any], cuda_visible: bool) -> tuple[str, str]:
-    """(device, note): CUDA only when a GPU was assigned and a device is really visible."""
-    if assigned_gpus and cuda_visible:
-        return "cuda", f"training on CUDA (GPU ids {assigned_gpus})"
-    if assigned_gpus:
-        return "cpu", "GPU resource assigned but no CUDA device visible: falling back to CPU"
-    return "cpu", "no GPU assigned: training on CPU"
-
-
 def xgb_params(config: dict[str, Any], device: str, nthread: int) -> dict[str, Any]:
     return {
         "objective": "binary:logistic",
@@ -106,7 +86,7 @@ def split_matrix(storage: Storage, features: FeatureSet, split: str) -> Any:
     import pyarrow as pa
     import xgboost as xgb
 
-    from tasks.transform import read_split
+    from mlops.lake import read_split
 
     key = (features.uri, split)
     if key not in _MATRICES:
@@ -302,7 +282,7 @@ def run_search(
         ),
         run_config=tune.RunConfig(
             name=f"hpo-{features.snapshot_hash}-{uuid.uuid4().hex[:6]}",
-            storage_path=storage.path("ray_results"),
+            storage_path=storage.path(TUNE_RESULTS),
             storage_filesystem=storage.pyarrow_fs(),
             verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

@@ -18,28 +18,20 @@ import pyarrow as pa
 
 from mlops.errors import ValidationFailed
 from mlops.fingerprint import fingerprint
+from mlops.lake import partition_path, quarantine_dir, validation_report_path
 from mlops.results import IngestResult, PartitionCheck, ValidationReport
+from mlops.schema import (
+    FLIGHT_KEY,
+    FLOAT_LIKE,
+    INTEGER_LIKE,
+    KEY_COLUMNS,
+    RAW_COLUMNS,
+    STRING_LIKE,
+)
 from mlops.settings import Settings
 from mlops.storage import Storage
 from tasks.common import stage
-from tasks.ingest import REQUIRED_COLUMNS, partition_path
 
-KEY_COLUMNS = (
-    "year",
-    "month",
-    "day",
-    "carrier",
-    "flight",
-    "origin",
-    "dest",
-    "sched_dep_time",
-    "sched_arr_time",
-    "distance",
-)
-FLIGHT_KEY = ("date", "carrier", "flight", "origin", "sched_dep_time")
-INTEGER_LIKE = ("year", "month", "day", "sched_dep_time", "sched_arr_time", "flight", "distance")
-FLOAT_LIKE = ("arr_delay",)
-STRING_LIKE = ("carrier", "tailnum", "origin", "dest")
 RANGES: dict[str, dict[str, Any]] = {
     "month": {"min_value": 1, "max_value": 12},
     "day": {"min_value": 1, "max_value": 31},
@@ -66,7 +58,7 @@ class ValidationConfig:
 def schema_problems(schema: pa.Schema) -> list[str]:
     """Required columns missing or of the wrong type family, per pyarrow schema."""
     problems = []
-    for col in REQUIRED_COLUMNS["flights"]:
+    for col in RAW_COLUMNS["flights"]:
         if col not in schema.names:
             problems.append(f"missing column {col}")
             continue
@@ -97,7 +89,7 @@ def build_flights_suite() -> Any:
     suite = gx.ExpectationSuite(name="flights_raw")
     suite.add_expectation(
         gxe.ExpectTableColumnsToMatchSet(
-            column_set=[*REQUIRED_COLUMNS["flights"], "date"], exact_match=False
+            column_set=[*RAW_COLUMNS["flights"], "date"], exact_match=False
         )
     )
     for col in INTEGER_LIKE + FLOAT_LIKE:
@@ -247,7 +239,7 @@ def validate_window(
         for d in ingest.partitions
     )
     for check in checks:
-        qdir = posixpath.join("quarantine", "flights", f"date={check.date}")
+        qdir = quarantine_dir("flights", check.date)
         if check.passed:
             storage.delete(qdir)  # a re-ingested, now valid partition leaves quarantine
             continue
@@ -261,7 +253,7 @@ def validate_window(
         )
 
     quarantined_rows = sum(c.rows for c in checks if not c.passed)
-    report_rel = posixpath.join("validation", f"flights_{ingest.start}_{ingest.end}.json")
+    report_rel = validation_report_path(ingest.start, ingest.end)
     report = ValidationReport(
         start=ingest.start,
         end=ingest.end,

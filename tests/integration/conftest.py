@@ -182,7 +182,7 @@ def serve_as_champion(run: PipelineSummary) -> None:
     """
     from mlflow.tracking import MlflowClient
 
-    from tasks.promote import serve_champion
+    from serving.control import serve_champion
 
     settings = load_settings()
     MlflowClient(

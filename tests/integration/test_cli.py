@@ -167,7 +167,7 @@ def cluster_env(platform: Runtime) -> dict[str, str]:
     """
     import ray
 
-    from tasks.promote import ensure_serve
+    from serving.control import ensure_serve
 
     ensure_serve(load_settings())
     return {

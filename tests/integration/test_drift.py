@@ -184,8 +184,9 @@ def test_the_same_drift_within_the_cooldown_is_suppressed(
 
 def test_inference_log_december_requests_drift_with_logged_predictions(champion: str) -> None:
     """December flights through the real /predict; the check reads what the Serve app logged."""
-    from tasks.drift import read_inference_log
-    from tasks.promote import serve_champion, to_requests
+    from mlops.schema import to_requests
+    from serving.control import serve_champion
+    from tasks.drift.data import read_inference_log
 
     settings = load_settings()
     assert serve_champion(settings).primary_model.version == champion
@@ -248,7 +249,7 @@ def test_lineage_falls_back_to_the_run_for_a_version_without_tags(
     """A version re-registered from the champion's run (as a rollback drill does) has no tags."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.drift import champion_reference
+    from tasks.drift.data import champion_reference
 
     settings = load_settings()
     client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)

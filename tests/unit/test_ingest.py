@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlops.errors import SourceError, UserError
+from mlops.sources import load_source
 from mlops.storage import Storage
-from tasks.ingest import Window, ingest, load_source, parse_window, split_by_date
+from tasks.ingest import Window, ingest, parse_window, split_by_date
 
 WINDOW = Window(dt.date(2013, 1, 1), dt.date(2013, 1, 3))
 

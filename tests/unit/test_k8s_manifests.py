@@ -1,7 +1,7 @@
 """The Kubernetes manifests agree with what the code asks Ray for and with the settings it reads.
 
 No cluster: the manifests are parsed, and the resource asks come from the code itself
-(``mlops.sizing``: Tune's ``trial_resources``, the Serve application's ``ray_actor_options``,
+(``cli.sizing``: Tune's ``trial_resources``, the Serve application's ``ray_actor_options``,
 Ray Data's default for a map task), resolved with the settings a flow-run pod would see.
 """
 
@@ -18,7 +18,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
-from mlops import sizing
+from cli import sizing
 from mlops.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,7 +189,7 @@ def test_a_gpu_trial_beside_every_model_replica_fits_on_one_gpu_worker(
 def test_tune_gets_a_gpu_slot_with_the_serving_reserve_held_back(
     cluster_settings: Settings,
 ) -> None:
-    from mlops.serving_state import serving_gpu_reserve
+    from serving.state import serving_gpu_reserve
     from tasks.tune import gpu_slots
 
     gpu = groups()["gpu-workers"]
@@ -369,7 +369,7 @@ def test_reading_the_asks_starts_no_ray() -> None:
 
     code = (
         "import ray\n"
-        "from mlops import sizing\n"
+        "from cli import sizing\n"
         "from mlops.settings import load_settings\n"
         "s = load_settings()\n"
         "sizing.gpu_node_needs(s); sizing.cpu_node_needs(s)\n"

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.maintenance import (
-    FAILED,
-    OK,
+from mlops.results import FAILED, OK, CheckResult
+from tasks.maintenance.core import (
     Candidate,
-    CheckResult,
     CleanupRules,
     FailedRun,
     MaintenanceReport,

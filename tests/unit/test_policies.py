@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from prefect.states import Completed, Failed
 
+from mlops.devices import choose_device
 from mlops.errors import PromotionFailed, SourceError, UserError, ValidationFailed
 from tasks.common import retry_transient
-from tasks.tune import choose_device
 
 
 @pytest.mark.parametrize(

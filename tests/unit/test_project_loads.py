@@ -57,9 +57,9 @@ def test_importing_modules_starts_nothing(tmp_path: Path) -> None:
         "import importlib, ray\n"
         "for m in ('flows.training', 'tasks.ingest', 'tasks.validate', 'tasks.transform',\n"
         "          'tasks.tune', 'tasks.register', 'tasks.gate', 'tasks.promote',\n"
-        "          'deployments.serve_app', 'mlops.cli', 'flows.drift', 'tasks.drift',\n"
+        "          'serving.app', 'cli.main', 'flows.drift', 'tasks.drift',\n"
         "          'deployments.webhook', 'deployments.deploy', 'mlops.events',\n"
-        "          'mlops.sizing'):\n"
+        "          'cli.sizing', 'serving.control'):\n"
         "    importlib.import_module(m)\n"
         "assert not ray.is_initialized(), 'ray started at import'\n"
     )
@@ -73,3 +73,34 @@ def test_importing_modules_starts_nothing(tmp_path: Path) -> None:
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_flight_request_is_written_once() -> None:
+    """The Serve request schema and request bodies built from raw rows name the core's fields."""
+    import pandas as pd
+
+    from mlops.schema import RAW_COLUMNS, REQUEST_COLUMNS, to_requests
+    from serving.request import FlightRequest
+
+    assert tuple(FlightRequest.__annotations__) == REQUEST_COLUMNS
+    assert set(REQUEST_COLUMNS) <= set(RAW_COLUMNS["flights"])
+    row = {c: 1 for c in RAW_COLUMNS["flights"]} | {"carrier": "UA", "tailnum": None}
+    assert tuple(to_requests(pd.DataFrame([row]))[0]) == REQUEST_COLUMNS
+
+
+def test_every_package_says_what_lives_there() -> None:
+    tops = [p for p in ROOT.iterdir() if (p / "__init__.py").exists() and p.name != "tests"]
+    assert {"cli", "flows", "deployments", "tasks", "serving", "mlops"} <= {p.name for p in tops}
+    for init in sorted(i for top in tops for i in top.rglob("__init__.py")):
+        doc = init.read_text().strip()
+        assert doc.startswith('"""') and doc.endswith('"""') and len(doc) > 10, init
+
+
+def test_serve_deployment_versions_hash_only_the_code_replicas_run() -> None:
+    """A change to a training or upkeep stage, or core code only they use, restarts no router."""
+    from mlops.fingerprint import import_closure
+
+    files = import_closure("serving.app", ("serving", "mlops"))
+    assert {"serving/app.py", "mlops/features.py", "mlops/registry.py"} <= set(files)
+    assert not [f for f in files if f.startswith(("tasks/", "flows/", "cli/", "deployments/"))]
+    assert "mlops/backups.py" not in files and "mlops/runtime.py" not in files

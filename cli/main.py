@@ -11,10 +11,22 @@ from typing import Any
 
 import typer
 
+from mlops.errors import one_line
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 EXIT_USER = 2
 EXIT_FAILED = 1
+# Imported in each embedded Ray worker while the Prefect API starts (with the libraries they use).
+STAGE_MODULES = (
+    "tasks.ingest",
+    "tasks.validate",
+    "tasks.transform",
+    "tasks.tune",
+    "tasks.register",
+    "tasks.gate",
+    "tasks.promote",
+)
 
 
 @app.callback()
@@ -22,14 +34,15 @@ def _root() -> None:
     """Production ML retraining for the NYC flights delay model."""
 
 
+def _warm_modules() -> tuple[str, ...]:
+    from mlops.runtime import WARM_MODULES
+
+    return (*WARM_MODULES, *STAGE_MODULES)
+
+
 def _fail(message: str, code: int) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 @app.command()
@@ -65,7 +78,8 @@ def run(
         settings = load_settings()
         # Launch the local Prefect API first: it starts while the inputs are checked.
         settings, api = prepare_process(settings)
-        from tasks.ingest import parse_window, probe_source
+        from mlops.sources import probe_source
+        from tasks.ingest import parse_window
 
         parse_window(start, end)
         probe_source(source, settings.storage_options)
@@ -73,13 +87,13 @@ def run(
         if api is not None:
             api.stop()
         if isinstance(exc, UserError):
-            _fail(_one_line(exc), EXIT_USER)
+            _fail(one_line(exc), EXIT_USER)
         if debug:
             raise
-        _fail(f"configuration: {_one_line(exc)}", EXIT_USER)  # e.g. settings that do not parse
+        _fail(f"configuration: {one_line(exc)}", EXIT_USER)  # e.g. settings that do not parse
 
     typer.echo(f"mlops: state under {settings.home}; starting Ray and the Prefect API ...")
-    with runtime(settings, api) as rt:
+    with runtime(settings, api, _warm_modules()) as rt:
         typer.echo(
             f"mlops: Prefect API {rt.prefect_api_url} "
             f"({'local' if rt.owns_prefect else 'server'}), "
@@ -136,23 +150,23 @@ def _connect_ray(settings: Any, address: str | None) -> None:
 
 def _serving_command(action: str) -> Any:
     """Run a serving action against the running cluster; user errors print one line."""
-    from mlops.serving_state import ServingStateError
     from mlops.settings import load_settings
+    from serving.state import ServingStateError
 
     settings = load_settings()
     try:
         _connect_ray(settings, settings.ray_address or "auto")
     except Exception as exc:
-        _fail(f"no running Ray cluster with the serving application: {_one_line(exc)}", EXIT_USER)
-    from tasks import promote
+        _fail(f"no running Ray cluster with the serving application: {one_line(exc)}", EXIT_USER)
+    from serving import control
 
     try:
         if action == "rollback":
-            state = promote.rollback_serving(settings)
+            state = control.rollback_serving(settings)
         else:
-            state = promote.finish_canary_serving(settings, promote_it=action == "promote")
+            state = control.finish_canary_serving(settings, promote_it=action == "promote")
     except ServingStateError as exc:
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     v = state.primary_model.version
     typer.echo(
         f"{action}: {settings.serve_url}/predict now serves version {v} (slot {state.primary})"
@@ -174,13 +188,13 @@ def serve(
     settings = load_settings()
     try:
         _connect_ray(settings, settings.ray_address or "local")
-        from tasks.promote import serve_champion
+        from serving.control import serve_champion
 
         state = serve_champion(settings)
     except Exception as exc:
         if ray.is_initialized():
             ray.shutdown()
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     typer.echo(
         f"serving {settings.model_name} version {state.primary_model.version} at "
         f"{settings.serve_url}/predict (health {settings.serve_url}/healthz)"
@@ -215,12 +229,12 @@ def _report_failure(result: Any, debug: bool) -> None:
     if debug:
         raise exc
     if isinstance(exc, UserError):
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     if isinstance(exc, ValidationFailed):
-        _fail(f"validation failed: {_one_line(exc)}", EXIT_FAILED)
+        _fail(f"validation failed: {one_line(exc)}", EXIT_FAILED)
     if isinstance(exc, PromotionFailed):
-        _fail(f"promotion failed: {_one_line(exc)}", EXIT_FAILED)
-    _fail(f"pipeline failed: {type(exc).__name__}: {_one_line(exc)}", EXIT_FAILED)
+        _fail(f"promotion failed: {one_line(exc)}", EXIT_FAILED)
+    _fail(f"pipeline failed: {type(exc).__name__}: {one_line(exc)}", EXIT_FAILED)
 
 
 def stage_seconds(flow_run_id: str) -> dict[str, float]:
@@ -284,7 +298,7 @@ def _start_runtime(debug: bool) -> tuple[Any, Any]:
     except Exception as exc:
         if debug:
             raise
-        _fail(f"configuration: {_one_line(exc)}", EXIT_USER)
+        _fail(f"configuration: {one_line(exc)}", EXIT_USER)
         raise
 
 
@@ -319,7 +333,7 @@ def deploy(
         run_prefect_deploy(prefect_file, name or None)
         deployed = read_deployed([s.name for s in chosen])
     except UserError as exc:
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     for pool in created:
         typer.echo(f"created work pool {pool!r} (process)")
     typer.echo(f"registered {len(deployed)} deployments with {api_url}:")
@@ -350,15 +364,15 @@ def backup(
     from mlops.settings import load_settings
 
     try:
-        from tasks.backup import open_root, timestamp_for
+        from mlops.backups import open_root, timestamp_for
 
         settings = load_settings()
         timestamp_for(run_date)
         open_root(backup_root or settings.backup_root, settings.storage_options, create=True)
     except UserError as exc:
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     settings, api = _start_runtime(debug)
-    with runtime(settings, api):
+    with runtime(settings, api, _warm_modules()):
         from flows.backup import backup as backup_flow
 
         state = backup_flow(
@@ -394,10 +408,10 @@ def restore(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Verify a backup, then restore it into TARGET (no Ray or Prefect needed)."""
+    from mlops.backups import open_root
     from mlops.errors import UserError
     from mlops.settings import load_settings
-    from tasks.backup import open_root
-    from tasks.backup import restore as restore_core
+    from tasks.backup.restore import restore as restore_core
 
     try:
         settings = load_settings()
@@ -409,11 +423,11 @@ def restore(
     except UserError as exc:
         if debug:
             raise
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     except Exception as exc:
         if debug:
             raise
-        _fail(f"restore failed: {type(exc).__name__}: {_one_line(exc)}", EXIT_FAILED)
+        _fail(f"restore failed: {type(exc).__name__}: {one_line(exc)}", EXIT_FAILED)
     typer.echo(f"restored backup {result.backup_id} into {result.target}: {result.detail}")
     typer.echo(f"use it with: MLOPS_HOME={result.target}")
 
@@ -430,10 +444,10 @@ def maintenance(
 ) -> None:
     """Run the daily maintenance checks and print the report table."""
     from mlops.runtime import runtime
-    from tasks.maintenance import MaintenanceFailed
+    from tasks.maintenance.core import MaintenanceFailed
 
     settings, api = _start_runtime(debug)
-    with runtime(settings, api):
+    with runtime(settings, api, _warm_modules()):
         from flows.maintenance import daily_maintenance
 
         state = daily_maintenance(
@@ -449,7 +463,7 @@ def maintenance(
         return
     if isinstance(result, MaintenanceFailed):
         typer.echo(result.report.table())
-        _fail(f"maintenance: {_one_line(result)}", EXIT_FAILED)
+        _fail(f"maintenance: {one_line(result)}", EXIT_FAILED)
     _report_failure(result, debug)
 
 
@@ -508,7 +522,7 @@ def webhook(
     except UserError as exc:
         if debug:
             raise
-        _fail(_one_line(exc), EXIT_USER)
+        _fail(one_line(exc), EXIT_USER)
     bound_host, bound_port = sock.getsockname()[:2]
     host_text = f"[{bound_host}]" if ":" in bound_host else bound_host
     typer.echo(

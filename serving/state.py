@@ -1,14 +1,17 @@
 """What the serving application holds: two model slots, which one is primary, and any canary.
 
 Blue-green and canary promotion, and rollback, are pure transitions of this state. The state is
-saved (atomically) under the storage root, so ``mlops rollback`` and ``mlops serve`` can rebuild
-the application from it.
+saved (atomically) under the storage root (``mlops.lake.SERVING_STATE``), so ``mlops rollback``
+and ``mlops serve`` can rebuild the application from it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlops.settings import Settings
 
 SLOTS = ("blue", "green")
 MODEL_MAX_REPLICAS = 2  # per slot (the model deployments' autoscaling ceiling)
@@ -17,9 +20,6 @@ MODEL_MAX_REPLICAS = 2  # per slot (the model deployments' autoscaling ceiling)
 def serving_gpu_reserve(gpus_per_replica: float) -> float:
     """GPUs the serving application may hold at its autoscaling ceiling on a GPU cluster."""
     return len(SLOTS) * MODEL_MAX_REPLICAS * gpus_per_replica
-
-
-STATE_PATH = "serving/state.json"
 
 
 class ServingStateError(ValueError):
@@ -99,3 +99,25 @@ def rollback(state: ServingState) -> ServingState:
     if state.slots[state.standby].version == state.primary_model.version:
         raise ServingStateError("nothing to roll back to: both slots serve the same version")
     return switch(state)
+
+
+def load_state(settings: Settings) -> ServingState | None:
+    """The state saved under the storage root, or None when nothing has been served there."""
+    from mlops.lake import SERVING_STATE
+    from mlops.storage import Storage
+
+    storage = Storage(settings.storage_root, settings.storage_options)
+    return (
+        ServingState.from_dict(storage.read_json(SERVING_STATE))
+        if storage.exists(SERVING_STATE)
+        else None
+    )
+
+
+def save_state(settings: Settings, state: ServingState) -> None:
+    """Replace the saved state (atomically: Storage writes aside and renames)."""
+    from mlops.lake import SERVING_STATE
+    from mlops.storage import Storage
+
+    storage = Storage(settings.storage_root, settings.storage_options)
+    storage.write_json(SERVING_STATE, state.to_dict())

@@ -2,7 +2,7 @@
 
 The cluster manifests under ``deployments/k8s`` are sized from these figures and a test checks
 that they still agree: a Tune trial's bundle (``tasks.tune.trial_resources``), a Serve replica's
-``ray_actor_options`` (``deployments.serve_app.build_app``), a Ray Data transform task and a plain
+``ray_actor_options`` (``serving.app.build_app``), a Ray Data transform task and a plain
 Prefect task on the ``RayTaskRunner``. Nothing runs at import; Ray is never started.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mlops.serving_state import MODEL_MAX_REPLICAS, SLOTS, SlotModel
 from mlops.settings import Settings
+from serving.state import MODEL_MAX_REPLICAS, SLOTS, SlotModel
 
 Resources = dict[str, float]
 
@@ -48,8 +48,7 @@ def tune_trial_asks(settings: Settings, budget: Any = None) -> dict[str, Resourc
 
 def serve_replica_asks(settings: Settings, on_gpu_cluster: bool = True) -> dict[str, Resources]:
     """A model replica's and a router replica's resources, from the application the code builds."""
-    from deployments.serve_app import build_app
-    from tasks.promote import model_config
+    from serving.app import build_app, model_config
 
     slot = SlotModel(version="1", run_id="sizing", dims_uri="sizing")
     cfg = model_config(settings, slot, use_gpu=on_gpu_cluster)

@@ -1,0 +1,1 @@
+"""The drift stage: compare the champion's training data with recent traffic, and alert on drift."""

@@ -1,0 +1,1 @@
+"""The daily maintenance stage: health checks, cleanup, utilization and error review."""
