@@ -437,6 +437,43 @@ def test_blue_green_promotion_and_rollback_drop_no_request(served: PipelineSumma
     assert router_replicas(settings.serve_url) == routers
 
 
+def test_a_state_is_applied_once_every_router_replica_routes_by_it(
+    served: PipelineSummary,
+) -> None:
+    """`deploy_state` returns only when both router replicas route by the new state.
+
+    A traffic switch reaches the running routers a moment after Serve takes it; the very first
+    requests after `deploy_state` returns, spread over both replicas, must see it already.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.control import deploy_state, routed_as
+    from serving.state import load_state, save_state, switch
+
+    settings = load_settings()
+    state = load_state(settings)
+    assert state is not None and settings.serve_router_replicas == 2
+
+    def answers(calls: int = 32) -> list[dict[str, Any]]:
+        def one(_: int) -> dict[str, Any]:
+            return httpx.get(f"{settings.serve_url}/version", timeout=30).json()
+
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(one, range(calls)))
+
+    flipped = switch(state)  # both slots stay loaded: a pure routing change
+    try:
+        for target in (flipped, state):
+            deploy_state(settings, target)
+            seen = answers()
+            assert all(routed_as(a, target) for a in seen), [
+                (a.get("slot"), a.get("version")) for a in seen
+            ]
+    finally:
+        deploy_state(settings, state)
+        save_state(settings, state)
+
+
 def test_canary_splits_traffic_then_aborts(served: PipelineSummary) -> None:
     from mlflow.tracking import MlflowClient
 
