@@ -39,6 +39,9 @@ os.environ.update(
         "GX_ANALYTICS_ENABLED": "false",
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+        # Ray exports custom metrics every second instead of every 10 s: the metrics test reads
+        # counters once they have settled.
+        "RAY_metrics_report_interval_ms": "1000",
     }
 )
 

@@ -41,12 +41,6 @@ def shuffle_seed() -> int | None:
 SEED = shuffle_seed()
 
 
-def pytest_report_header() -> str:
-    if SEED is None:
-        return "integration modules: in file order (MLOPS_TEST_SHUFFLE=N shuffles them)"
-    return f"integration modules: shuffled, seed {SEED} (MLOPS_TEST_SHUFFLE={SEED} replays it)"
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Unit tests first, then the integration modules, shuffled as a whole when SEED is set;
     the tests inside a module keep their order."""
@@ -78,7 +72,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     order = [name.rsplit(".", 1)[-1] for name, _ in modules if ".integration." in name]
     if reporter is not None and order:
-        reporter.write_line(f"integration module order: {', '.join(order)}")
+        how = (
+            f"shuffled, seed {SEED}: MLOPS_TEST_SHUFFLE={SEED} replays it"
+            if SEED is not None
+            else "file"
+        )
+        reporter.write_line(f"integration module order ({how}): {', '.join(order)}")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

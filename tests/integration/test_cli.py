@@ -261,7 +261,7 @@ def test_a_run_killed_in_tune_redoes_only_what_did_not_finish(
             assert driver.poll() is None, "the run ended before Tune started"
             assert time.monotonic() < deadline, stage_states(str(killed.id))
             time.sleep(0.5)
-        time.sleep(3)  # trials are running
+        time.sleep(1.5)  # trials are starting
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)

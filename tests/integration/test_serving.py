@@ -143,17 +143,21 @@ def test_single_flight_and_unknown_lookups_still_predict(served: PipelineSummary
 
 
 def test_router_scores_the_primary_in_process_like_the_slot(served: PipelineSummary) -> None:
-    """Once the router has loaded the primary's model, its answers equal the slot replica's."""
+    """Once every router has loaded the primary's model, its answers equal the slot replica's."""
     url = load_settings().serve_url
     deadline = time.monotonic() + 120
-    while httpx.get(f"{url}/healthz", timeout=30).json().get("scored_by") != "router":
-        assert time.monotonic() < deadline, "the router never loaded the primary's model"
+    while True:
+        health = healthz_answers(url)
+        if {h["scored_by"] for h in health} == {"router"} and len(replicas_of(health)) == 2:
+            break
+        assert time.monotonic() < deadline, f"the routers never loaded the primary: {health}"
         time.sleep(0.5)
+    primary = health[0]["slot"]
     body = requests_for(served, 8)
-    direct, forwarded = post(body).json(), post(body, "/slots/blue/predict").json()
+    direct, forwarded = post(body).json(), post(body, f"/slots/{primary}/predict").json()
     assert direct["version"] == forwarded["version"] == served.model.version
     assert direct["predictions"] == forwarded["predictions"]
-    assert direct["slot"] == forwarded["slot"] == "blue"
+    assert direct["slot"] == forwarded["slot"] == primary
 
 
 def test_version_endpoint_describes_the_champion(served: PipelineSummary) -> None:
@@ -360,16 +364,25 @@ class Load:
             self.failures.append(f"generator threads did not stop: {stuck}")
 
 
-def router_replicas(url: str, calls: int = 32) -> set[str]:
-    """The router replicas that answer /healthz, asked 8 at a time (HAProxy balances by least
-    connections, so concurrent requests reach every replica)."""
+def healthz_answers(url: str, calls: int = 32) -> list[dict[str, Any]]:
+    """/healthz asked 8 at a time: HAProxy balances by least connections, so concurrent
+    requests reach every router replica."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def replica(_: int) -> str:
-        return str(httpx.get(f"{url}/healthz", timeout=30).json()["replica"])
+    def one(_: int) -> dict[str, Any]:
+        return httpx.get(f"{url}/healthz", timeout=30).json()
 
     with ThreadPoolExecutor(8) as pool:
-        return set(pool.map(replica, range(calls)))
+        return list(pool.map(one, range(calls)))
+
+
+def replicas_of(answers: list[dict[str, Any]]) -> set[str]:
+    return {str(a["replica"]) for a in answers}
+
+
+def router_replicas(url: str) -> set[str]:
+    """The router replicas that answer /healthz."""
+    return replicas_of(healthz_answers(url))
 
 
 def second_version(served: PipelineSummary) -> RegisteredModel:
