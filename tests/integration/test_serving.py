@@ -245,7 +245,7 @@ def test_metrics_are_exported_in_prometheus_format(served: PipelineSummary) -> N
     def settled(deadline_s: float = 90) -> dict[str, float]:
         deadline, last = time.monotonic() + deadline_s, figures()
         while time.monotonic() < deadline:
-            time.sleep(3)
+            time.sleep(2)  # twice Ray's export interval in tests (tests/conftest.py)
             now = figures()
             if now == last:
                 return now

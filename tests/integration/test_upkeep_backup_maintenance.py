@@ -254,6 +254,9 @@ def test_daily_maintenance_reports_every_check_and_cleans_up(home: Path, tmp_pat
     from prefect.client.orchestration import get_client
 
     from flows.maintenance import daily_maintenance
+    from mlops.backups import now_utc
+    from tasks.maintenance.cleanup import clean_up
+    from tasks.maintenance.core import CleanupRules
 
     settings = load_settings()
     ray_tmp = tmp_path / "ray"
@@ -292,8 +295,10 @@ def test_daily_maintenance_reports_every_check_and_cleans_up(home: Path, tmp_pat
         "inference_log_days": 1e6,  # the served requests' logs (dated 2013) are not this test's
     }  # fmt: skip
 
-    dry = daily_maintenance(cleanup_dry_run=True, **params)
-    cleanup = next(c for c in dry.checks if c.name == "cleanup")
+    # the cleanup check's own dry run (the flow's cleanup_dry_run=True calls just this)
+    rules = CleanupRules(tmp_days=1.0, ray_session_days=3.0, tune_results_days=14.0,
+                         inference_log_days=1e6)  # fmt: skip
+    cleanup = clean_up(settings, settings.backup_root, rules, True, str(ray_tmp), now_utc())
     assert cleanup.figure == f"3 items, {doomed_bytes} bytes (dry-run)", cleanup
     assert cleanup.detail.startswith("would remove 3 items: ")
     assert "stray" in cleanup.detail and "1 old items kept as protected" in cleanup.detail
