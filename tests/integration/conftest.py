@@ -18,7 +18,7 @@ from mlops.settings import load_settings
 from tests.integration.servers import begin_early, close_early, moto_s3
 
 START, END = "2013-06-01", "2013-06-21"
-SMALL = {"trials": 2, "max_rounds": 40, "max_concurrent_trials": 2}
+SMALL = {"trials": 2, "max_rounds": 30, "max_concurrent_trials": 2}
 
 
 def shuffle_seed() -> int | None:

@@ -372,7 +372,7 @@ def test_a_deployment_run_started_by_name_completes_on_a_worker(
                 c.delete_flow_run(run.id)
     run = run_deployment_on_a_worker(
         f"training-pipeline/{TRAINING['name']}",
-        {"trials": 2, "max_rounds": 40, "start": "2013-03-01", "end": "2013-03-14"},
+        {"trials": 2, "max_rounds": 20, "start": "2013-03-01", "end": "2013-03-14"},
         user_env,
         tmp_path,
         timeout=300,

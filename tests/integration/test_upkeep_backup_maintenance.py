@@ -27,7 +27,7 @@ from mlops.settings import Settings, load_settings
 pytestmark = pytest.mark.integration
 
 MLOPS = str(Path(sys.executable).parent / "mlops")
-SMALL = {"trials": 2, "max_rounds": 40, "max_concurrent_trials": 2}
+SMALL = {"trials": 2, "max_rounds": 20, "max_concurrent_trials": 2}
 
 
 @pytest.fixture(scope="module")
