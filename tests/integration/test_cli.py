@@ -101,7 +101,9 @@ class Impostor:
     (what a second, older platform on the same machine would answer) but serves no slot.
 
     This is how a promotion fails on a shared machine (the run's own Serve cannot take the port)
-    and it must fail the run with exit code 1, leaving the registry's aliases alone.
+    and it must fail the run with exit code 1, leaving the registry's aliases alone. A stand-in:
+    a real second platform (its own Ray and Serve) would cost the 2-core test machine a minute,
+    and what the run reads on the port is the same.
     """
 
     def __init__(self) -> None:
